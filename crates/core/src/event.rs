@@ -1,0 +1,203 @@
+//! The one event model: everything a subscriber can receive, whatever its source.
+
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde_json::Value;
+
+use crate::names::{CollectionName, TenantId, Topic};
+use crate::position::Position;
+
+/// A commit time, in milliseconds since the Unix epoch.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct Timestamp(u64);
+
+impl Timestamp {
+    /// The current wall-clock time.
+    pub fn now() -> Self {
+        let ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        Self(u64::try_from(ms).unwrap_or(u64::MAX))
+    }
+
+    /// A timestamp from milliseconds since the Unix epoch.
+    pub const fn from_millis(ms: u64) -> Self {
+        Self(ms)
+    }
+
+    /// Milliseconds since the Unix epoch.
+    pub const fn as_millis(self) -> u64 {
+        self.0
+    }
+
+    /// RFC 3339 in UTC with milliseconds, e.g. `2026-11-22T21:37:03.123Z`.
+    pub fn rfc3339(self) -> String {
+        let t = UNIX_EPOCH + Duration::from_millis(self.0);
+        humantime::format_rfc3339_millis(t).to_string()
+    }
+}
+
+/// Where a change was captured.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum SourceKind {
+    /// A PostgreSQL table, captured by the row trigger.
+    Postgres,
+    /// A MongoDB collection, read from a change stream.
+    Mongo,
+}
+
+/// What happened to a document.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum Op {
+    /// A new row or document.
+    Insert,
+    /// A changed row or document (partial update).
+    Update,
+    /// A document replaced as a whole (MongoDB).
+    Replace,
+    /// A removed row or document; the event carries the prior version.
+    Delete,
+}
+
+impl Op {
+    /// The wire name (`insert`, `update`, `replace`, `delete`).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Insert => "insert",
+            Self::Update => "update",
+            Self::Replace => "replace",
+            Self::Delete => "delete",
+        }
+    }
+}
+
+/// What an event says.
+#[derive(Clone, PartialEq, Debug)]
+pub enum EventBody {
+    /// A row or document changed.
+    Change {
+        /// The database it came from.
+        source: SourceKind,
+        /// The table or collection.
+        collection: CollectionName,
+        /// What happened.
+        op: Op,
+        /// The primary key / `_id` in its documented text form.
+        document_id: String,
+        /// The row after the change, or before it for a delete.
+        document: Value,
+    },
+    /// An application message published through `POST /v1/events/publish`.
+    Message {
+        /// The topic it was published to.
+        topic: Topic,
+        /// The publisher's JSON, untouched.
+        data: Value,
+    },
+}
+
+/// One thing that happened in one tenant.
+#[derive(Clone, PartialEq, Debug)]
+pub struct Event {
+    /// Whose event this is. Every path that delivers it is keyed by this tenant.
+    pub tenant: TenantId,
+    /// Where it sits in its stream.
+    pub position: Position,
+    /// Commit time.
+    pub at: Timestamp,
+    /// What happened.
+    pub body: EventBody,
+}
+
+/// The wire dialects an event can be encoded into. Each encoding is computed at most once per
+/// event and shared by every subscriber of that dialect.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(usize)]
+pub enum Dialect {
+    /// `/v1/events/subscribe`: `id:` + one `data:` line, no `event:` field.
+    Realtime = 0,
+}
+
+const DIALECTS: usize = 1;
+
+/// An event as the hub fans it out: the event plus its per-dialect encodings, computed lazily
+/// once and then shared (as cheap `Bytes` clones) by every subscriber.
+#[derive(Debug)]
+pub struct Frame {
+    event: Event,
+    encoded: [OnceLock<Bytes>; DIALECTS],
+}
+
+impl Frame {
+    /// Wraps an event for fan-out.
+    pub fn new(event: Event) -> Self {
+        Self {
+            event,
+            encoded: std::array::from_fn(|_| OnceLock::new()),
+        }
+    }
+
+    /// The event.
+    pub fn event(&self) -> &Event {
+        &self.event
+    }
+
+    /// The event's position.
+    pub fn position(&self) -> Position {
+        self.event.position
+    }
+
+    /// The encoding of this event in `dialect`, computing it with `encode` only the first time.
+    pub fn encoded(&self, dialect: Dialect, encode: impl FnOnce(&Event) -> Bytes) -> Bytes {
+        self.encoded[dialect as usize]
+            .get_or_init(|| encode(&self.event))
+            .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::position::Epoch;
+
+    #[test]
+    fn timestamps_format_as_rfc3339_with_milliseconds() {
+        assert_eq!(
+            Timestamp::from_millis(0).rfc3339(),
+            "1970-01-01T00:00:00.000Z"
+        );
+        assert_eq!(
+            Timestamp::from_millis(1_795_383_423_123).rfc3339(),
+            "2026-11-22T21:37:03.123Z"
+        );
+    }
+
+    #[test]
+    fn a_frame_encodes_once_per_dialect() {
+        let event = Event {
+            tenant: TenantId::parse("t").unwrap(),
+            position: Position::new(Epoch(1), 1),
+            at: Timestamp::from_millis(0),
+            body: EventBody::Message {
+                topic: Topic::parse("a").unwrap(),
+                data: Value::Null,
+            },
+        };
+        let frame = Frame::new(event);
+        let mut calls = 0;
+        let a = frame.encoded(Dialect::Realtime, |_| {
+            calls += 1;
+            Bytes::from_static(b"x")
+        });
+        let b = frame.encoded(Dialect::Realtime, |_| {
+            calls += 1;
+            Bytes::from_static(b"y")
+        });
+        assert_eq!(
+            (a, b, calls),
+            (Bytes::from_static(b"x"), Bytes::from_static(b"x"), 1)
+        );
+    }
+}

@@ -1,0 +1,470 @@
+//! The hub: fan-out of a tenant's feeds to their subscribers.
+//!
+//! A *feed* ([`FeedKey`]) is one upstream — a tenant's messages, or one tenant's collection —
+//! and is opened once, when its first subscriber arrives, however many subscribers follow. When
+//! the last one leaves, the feed stays open for a grace period (so a reconnecting browser does
+//! not cost a new LISTEN or change stream) and is then closed.
+//!
+//! Inside a feed, each distinct [`Filter`] has one bounded broadcast ring shared by all of its
+//! subscribers: an event is matched once per filter and handed out as one `Arc<Frame>`, whose
+//! wire encoding is computed once. A subscriber that falls more than the ring's capacity behind
+//! gets [`Lagged`] and is expected to disconnect and resume from its last position, so the
+//! hub's memory never grows with a slow reader.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use tokio::sync::{OnceCell, broadcast};
+use tokio::time::Instant;
+
+use crate::event::{Event, EventBody, Frame, SourceKind};
+use crate::names::{CollectionName, TenantId, TopicPattern};
+
+/// What a feed carries.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+pub enum Feed {
+    /// The tenant's published application messages (every topic).
+    Messages,
+    /// Changes of one table or collection of the tenant.
+    Collection {
+        /// Which database.
+        source: SourceKind,
+        /// Which table or collection.
+        name: CollectionName,
+    },
+}
+
+/// One upstream: a feed of one tenant. There is no way to name a feed without a tenant.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+pub struct FeedKey {
+    /// The tenant whose events this feed carries.
+    pub tenant: TenantId,
+    /// What it carries.
+    pub feed: Feed,
+}
+
+/// Which events of a feed a subscriber wants.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+pub enum Filter {
+    /// All of them (collection subscriptions).
+    Everything,
+    /// Messages whose topic matches.
+    Topics(TopicPattern),
+}
+
+impl Filter {
+    /// Whether `event` belongs to this filter.
+    pub fn matches(&self, event: &Event) -> bool {
+        match (self, &event.body) {
+            (Self::Everything, _) => true,
+            (Self::Topics(pattern), EventBody::Message { topic, .. }) => pattern.matches(topic),
+            (Self::Topics(_), _) => false,
+        }
+    }
+}
+
+/// An upstream could not be opened (the database refused a LISTEN, say).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("could not open the upstream for tenant {tenant}: {reason}")]
+pub struct UpstreamError {
+    /// Whose feed it was.
+    pub tenant: TenantId,
+    /// What went wrong, without secrets.
+    pub reason: String,
+}
+
+/// A future returned by [`Upstream::open`].
+pub type OpenFuture = Pin<Box<dyn Future<Output = Result<(), UpstreamError>> + Send>>;
+
+/// The source side of the hub: told when a feed gains its first subscriber and when it may be
+/// closed. Implemented by each engine.
+pub trait Upstream: Send + Sync + 'static {
+    /// Starts delivering `key`'s events to [`Hub::dispatch`]. Subscribers wait for this future:
+    /// when it resolves, every event committed from then on must reach the hub.
+    fn open(&self, key: &FeedKey) -> OpenFuture;
+
+    /// Stops delivering `key`. Called with the hub's lock held, so that it is ordered before
+    /// any later `open` of the same key: it must not block (enqueue the work instead).
+    fn close(&self, key: &FeedKey);
+}
+
+/// An upstream for engines that push every event into the hub themselves.
+#[derive(Debug, Default)]
+pub struct NoUpstream;
+
+impl Upstream for NoUpstream {
+    fn open(&self, _key: &FeedKey) -> OpenFuture {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn close(&self, _key: &FeedKey) {}
+}
+
+/// Hub tuning.
+#[derive(Clone, Copy, Debug)]
+pub struct HubConfig {
+    /// How many events a subscriber may fall behind before it is told it [`Lagged`].
+    pub buffer: usize,
+    /// How long a feed without subscribers stays open.
+    pub grace: Duration,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        Self {
+            buffer: 1024,
+            grace: Duration::from_secs(5),
+        }
+    }
+}
+
+struct Stream {
+    filter: Filter,
+    sender: broadcast::Sender<Arc<Frame>>,
+}
+
+struct Slot {
+    subscribers: usize,
+    idle_since: Option<Instant>,
+    opened: Arc<OnceCell<()>>,
+    streams: Vec<Stream>,
+}
+
+struct Inner {
+    feeds: Mutex<HashMap<FeedKey, Slot>>,
+    config: HubConfig,
+    upstream: Arc<dyn Upstream>,
+}
+
+impl Inner {
+    fn feeds(&self) -> MutexGuard<'_, HashMap<FeedKey, Slot>> {
+        // No code path panics while holding this lock; recover the map if one ever did.
+        self.feeds
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn reap(&self, now: Instant) {
+        let mut feeds = self.feeds();
+        feeds.retain(|key, slot| {
+            let expired = slot.subscribers == 0
+                && slot
+                    .idle_since
+                    .is_some_and(|t| now.duration_since(t) >= self.config.grace);
+            if expired && slot.opened.initialized() {
+                self.upstream.close(key);
+            }
+            !expired
+        });
+    }
+}
+
+/// The fan-out hub. Cheap to clone; all clones share one state.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Hub {
+    /// A hub over `upstream`. Must be called inside a Tokio runtime: it starts the task that
+    /// closes idle feeds, which ends when the last clone of the hub is dropped.
+    pub fn new(config: HubConfig, upstream: Arc<dyn Upstream>) -> Self {
+        let config = HubConfig {
+            buffer: config.buffer.max(1),
+            ..config
+        };
+        let inner = Arc::new(Inner {
+            feeds: Mutex::new(HashMap::new()),
+            config,
+            upstream,
+        });
+        tokio::spawn(reaper(Arc::downgrade(&inner), config.grace));
+        Self { inner }
+    }
+
+    /// Subscribes to the events of `key` that match `filter`, opening the feed's upstream if
+    /// this is its first subscriber. Events dispatched after this returns are received.
+    pub async fn subscribe(
+        &self,
+        key: FeedKey,
+        filter: Filter,
+    ) -> Result<Subscription, UpstreamError> {
+        let (receiver, opened) = {
+            let mut feeds = self.inner.feeds();
+            let slot = feeds.entry(key.clone()).or_insert_with(|| Slot {
+                subscribers: 0,
+                idle_since: None,
+                opened: Arc::new(OnceCell::new()),
+                streams: Vec::new(),
+            });
+            slot.subscribers += 1;
+            slot.idle_since = None;
+            let receiver = match slot.streams.iter().find(|s| s.filter == filter) {
+                Some(stream) => stream.sender.subscribe(),
+                None => {
+                    let (sender, receiver) = broadcast::channel(self.inner.config.buffer);
+                    slot.streams.push(Stream { filter, sender });
+                    receiver
+                }
+            };
+            (receiver, slot.opened.clone())
+        };
+        let guard = Guard {
+            hub: Arc::downgrade(&self.inner),
+            key,
+        };
+        let upstream = &self.inner.upstream;
+        opened.get_or_try_init(|| upstream.open(&guard.key)).await?;
+        Ok(Subscription {
+            receiver,
+            _guard: guard,
+        })
+    }
+
+    /// Hands an event of `key` to every matching subscriber. Events of one feed must be
+    /// dispatched in stream order; this never blocks on a subscriber.
+    pub fn dispatch(&self, key: &FeedKey, frame: Arc<Frame>) {
+        let feeds = self.inner.feeds();
+        let Some(slot) = feeds.get(key) else { return };
+        for stream in &slot.streams {
+            if stream.filter.matches(frame.event()) {
+                // An error only means nobody is listening on this filter right now.
+                let _ = stream.sender.send(frame.clone());
+            }
+        }
+    }
+
+    /// The feeds that currently have an open upstream (for re-opening after a reconnect).
+    pub fn open_feeds(&self) -> Vec<FeedKey> {
+        let feeds = self.inner.feeds();
+        feeds
+            .iter()
+            .filter(|(_, s)| s.opened.initialized())
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// How many subscribers `key` has right now.
+    pub fn subscribers(&self, key: &FeedKey) -> usize {
+        self.inner
+            .feeds()
+            .get(key)
+            .map_or(0, |slot| slot.subscribers)
+    }
+}
+
+async fn reaper(hub: Weak<Inner>, grace: Duration) {
+    let period = (grace / 2).max(Duration::from_millis(20));
+    loop {
+        tokio::time::sleep(period).await;
+        let Some(inner) = hub.upgrade() else { return };
+        inner.reap(Instant::now());
+    }
+}
+
+struct Guard {
+    hub: Weak<Inner>,
+    key: FeedKey,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let Some(inner) = self.hub.upgrade() else {
+            return;
+        };
+        let mut feeds = inner.feeds();
+        if let Some(slot) = feeds.get_mut(&self.key) {
+            slot.subscribers = slot.subscribers.saturating_sub(1);
+            // The subscription's receiver was dropped before this guard (field order), so a
+            // filter nobody reads any more has no receivers left.
+            slot.streams.retain(|s| s.sender.receiver_count() > 0);
+            if slot.subscribers == 0 {
+                slot.idle_since = Some(Instant::now());
+            }
+        }
+    }
+}
+
+/// The subscriber fell more than the hub's buffer behind; the events it missed are still in
+/// the engine's log, so it should disconnect and resume from its last position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("subscriber fell behind by {0} events")]
+pub struct Lagged(pub u64);
+
+/// One subscriber's handle: a bounded window on its filter's broadcast ring. Dropping it
+/// unsubscribes.
+pub struct Subscription {
+    // Declared before the guard: it must be dropped first (see `Guard::drop`).
+    receiver: broadcast::Receiver<Arc<Frame>>,
+    _guard: Guard,
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription")
+            .field("feed", &self._guard.key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Subscription {
+    /// The next event; `Ok(None)` once the hub is gone.
+    pub async fn recv(&mut self) -> Result<Option<Arc<Frame>>, Lagged> {
+        match self.receiver.recv().await {
+            Ok(frame) => Ok(Some(frame)),
+            Err(broadcast::error::RecvError::Closed) => Ok(None),
+            Err(broadcast::error::RecvError::Lagged(n)) => Err(Lagged(n)),
+        }
+    }
+
+    /// The next event if one is already waiting.
+    pub fn try_recv(&mut self) -> Result<Option<Arc<Frame>>, Lagged> {
+        match self.receiver.try_recv() {
+            Ok(frame) => Ok(Some(frame)),
+            Err(broadcast::error::TryRecvError::Lagged(n)) => Err(Lagged(n)),
+            Err(_) => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::event::Timestamp;
+    use crate::names::Topic;
+    use crate::position::{Epoch, Position};
+
+    #[derive(Default)]
+    struct Counting {
+        opened: AtomicUsize,
+        closed: AtomicUsize,
+    }
+
+    impl Upstream for Counting {
+        fn open(&self, _key: &FeedKey) -> OpenFuture {
+            self.opened.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async { Ok(()) })
+        }
+        fn close(&self, _key: &FeedKey) {
+            self.closed.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn key(tenant: &str) -> FeedKey {
+        FeedKey {
+            tenant: TenantId::parse(tenant).unwrap(),
+            feed: Feed::Messages,
+        }
+    }
+
+    fn message(tenant: &str, seq: u64, topic: &str) -> Arc<Frame> {
+        Arc::new(Frame::new(Event {
+            tenant: TenantId::parse(tenant).unwrap(),
+            position: Position::new(Epoch(7), seq),
+            at: Timestamp::from_millis(0),
+            body: EventBody::Message {
+                topic: Topic::parse(topic).unwrap(),
+                data: json!(seq),
+            },
+        }))
+    }
+
+    fn topics(p: &str) -> Filter {
+        Filter::Topics(TopicPattern::parse(p).unwrap())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn many_subscribers_share_one_upstream_that_closes_after_the_grace_period() {
+        let upstream = Arc::new(Counting::default());
+        let grace = Duration::from_secs(5);
+        let hub = Hub::new(HubConfig { buffer: 8, grace }, upstream.clone());
+        let subs: Vec<_> = futures_join(&hub, 100).await;
+        assert_eq!(upstream.opened.load(Ordering::SeqCst), 1);
+        drop(subs);
+        tokio::time::sleep(grace / 2).await;
+        // A reconnect inside the grace period reuses the open upstream.
+        let again = hub.subscribe(key("a"), topics("*")).await.unwrap();
+        tokio::time::sleep(grace * 2).await;
+        assert_eq!(upstream.opened.load(Ordering::SeqCst), 1);
+        assert_eq!(upstream.closed.load(Ordering::SeqCst), 0);
+        drop(again);
+        tokio::time::sleep(grace * 2).await;
+        assert_eq!(upstream.closed.load(Ordering::SeqCst), 1);
+        assert_eq!(hub.subscribers(&key("a")), 0);
+        assert!(hub.open_feeds().is_empty());
+    }
+
+    async fn futures_join(hub: &Hub, n: usize) -> Vec<Subscription> {
+        let mut subs = Vec::new();
+        for _ in 0..n {
+            subs.push(hub.subscribe(key("a"), topics("*")).await.unwrap());
+        }
+        subs
+    }
+
+    #[tokio::test]
+    async fn events_reach_only_their_tenant_and_matching_topics() {
+        let hub = Hub::new(HubConfig::default(), Arc::new(NoUpstream));
+        let mut a_orders = hub.subscribe(key("a"), topics("order.*")).await.unwrap();
+        let mut a_exact = hub
+            .subscribe(key("a"), topics("order.created"))
+            .await
+            .unwrap();
+        let mut b_all = hub.subscribe(key("b"), topics("*")).await.unwrap();
+        hub.dispatch(&key("a"), message("a", 1, "order.created"));
+        hub.dispatch(&key("a"), message("a", 2, "order.shipped"));
+        hub.dispatch(&key("a"), message("a", 3, "user.created"));
+        let seqs = |sub: &mut Subscription| {
+            std::iter::from_fn(|| sub.try_recv().unwrap())
+                .map(|f| f.position().seq())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(seqs(&mut a_orders), [1, 2]);
+        assert_eq!(seqs(&mut a_exact), [1]);
+        assert_eq!(seqs(&mut b_all), Vec::<u64>::new());
+    }
+
+    #[tokio::test]
+    async fn a_reader_that_falls_behind_the_buffer_is_told_it_lagged() {
+        let hub = Hub::new(
+            HubConfig {
+                buffer: 4,
+                grace: Duration::from_secs(1),
+            },
+            Arc::new(NoUpstream),
+        );
+        let mut slow = hub.subscribe(key("a"), topics("*")).await.unwrap();
+        for seq in 1..=10 {
+            hub.dispatch(&key("a"), message("a", seq, "t"));
+        }
+        assert!(matches!(slow.try_recv(), Err(Lagged(6))));
+    }
+
+    #[tokio::test]
+    async fn dispatch_shares_one_frame_between_subscribers() {
+        let hub = Hub::new(HubConfig::default(), Arc::new(NoUpstream));
+        let mut one = hub.subscribe(key("a"), topics("*")).await.unwrap();
+        let mut two = hub.subscribe(key("a"), topics("*")).await.unwrap();
+        hub.dispatch(&key("a"), message("a", 1, "t"));
+        let (x, y) = (
+            one.try_recv().unwrap().unwrap(),
+            two.try_recv().unwrap().unwrap(),
+        );
+        assert!(Arc::ptr_eq(&x, &y));
+    }
+}

@@ -1,0 +1,21 @@
+//! The changegate core: the one event model every source produces and every dialect encodes,
+//! the tenancy and credential types, the fan-out [`hub`], and the in-process [`memory`] engine.
+//!
+//! This crate never does I/O: no sockets, files, databases or HTTP. Sources (Postgres, MongoDB)
+//! and the gateway depend on it, never the other way round. Every value that crosses a tenant
+//! boundary is typed here ([`TenantId`], [`Position`], [`FeedKey`]) and only constructed through
+//! validating constructors, so an unvalidated name or a stream without a tenant cannot exist.
+
+pub mod auth;
+pub mod event;
+pub mod hub;
+pub mod memory;
+pub mod names;
+pub mod position;
+
+pub use auth::{ApiKey, KeyHash, KeyRecord, Principal, Role, Scope};
+pub use event::{Event, EventBody, Frame, Op, SourceKind, Timestamp};
+pub use hub::{Feed, FeedKey, Filter, Hub, HubConfig, Lagged, Subscription};
+pub use memory::{MemoryEngine, MemoryKeys, Replay, Retention};
+pub use names::{CollectionName, EnvironmentId, NameError, TenantId, Topic, TopicPattern};
+pub use position::{Epoch, Position, PositionError};
