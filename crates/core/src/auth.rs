@@ -160,8 +160,14 @@ impl fmt::Debug for ApiKey {
 
 /// SHA-256 of a key. Keys are long random strings, so a fast unsalted hash is the right tool:
 /// there is nothing to brute-force.
-#[derive(Clone, Copy, Eq, Hash, Debug)]
+#[derive(Clone, Copy, Eq, Debug)]
 pub struct KeyHash(pub [u8; 32]);
+
+impl std::hash::Hash for KeyHash {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+    }
+}
 
 impl PartialEq for KeyHash {
     fn eq(&self, other: &Self) -> bool {
@@ -228,12 +234,12 @@ impl Principal {
     /// assert!(!anon.may(Action::Publish));
     /// ```
     pub fn may(&self, action: Action) -> bool {
-        match (self.role, action) {
-            (Role::Token | Role::Key(Scope::Service), _) => true,
-            (Role::Key(Scope::Anon), Action::Subscribe) => true,
-            (Role::Key(Scope::Publish), Action::Publish) => true,
-            _ => false,
-        }
+        matches!(
+            (self.role, action),
+            (Role::Token | Role::Key(Scope::Service), _)
+                | (Role::Key(Scope::Anon), Action::Subscribe)
+                | (Role::Key(Scope::Publish), Action::Publish)
+        )
     }
 }
 
