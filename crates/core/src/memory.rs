@@ -107,6 +107,14 @@ impl MemoryEngine {
         self.epoch
     }
 
+    /// The newest position issued: replaying after it yields only future events.
+    pub fn head(&self) -> Position {
+        Position::new(
+            self.epoch,
+            *self.last_seq.lock().unwrap_or_else(PoisonError::into_inner),
+        )
+    }
+
     fn log(&self, tenant: &TenantId) -> Arc<Mutex<TenantLog>> {
         let mut logs = self.logs.lock().unwrap_or_else(PoisonError::into_inner);
         logs.entry(tenant.clone()).or_default().clone()

@@ -1,1 +1,58 @@
-//! placeholder
+//! The changegate gateway: the axum server that authenticates a request to exactly one tenant,
+//! attaches it to the hub, and encodes the tenant's events into SSE dialects.
+//!
+//! It never builds SQL or MongoDB pipelines (that is the sources' job), never filters one
+//! tenant's events out of another's stream (isolation happens at the source, by feed key), and
+//! never logs a credential — not even inside a URL.
+
+pub mod auth;
+pub mod engine;
+pub mod error;
+pub mod jwt;
+pub mod keys;
+pub mod routes;
+pub mod sse;
+
+use std::future::IntoFuture;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use engine::Engine;
+pub use routes::{AppState, Limits};
+
+/// Runs the server on `listener` until `closing` is cancelled, then ends every stream with a
+/// `retry:` hint and waits up to `drain` for connections to finish.
+pub async fn run(listener: TcpListener, state: AppState, drain: Duration) -> std::io::Result<()> {
+    let closing = state.closing.clone();
+    let server = axum::serve(listener, routes::router(state))
+        .with_graceful_shutdown(closing.clone().cancelled_owned())
+        .into_future();
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => result,
+        () = async { closing.cancelled().await; tokio::time::sleep(drain).await } => {
+            tracing::warn!("connections did not drain within {drain:?}; exiting anyway");
+            Ok(())
+        }
+    }
+}
+
+/// Builds the state for a memory-engine gateway.
+pub fn memory_state(
+    keys: changegate_core::MemoryKeys,
+    retention: changegate_core::Retention,
+    hub: changegate_core::HubConfig,
+    jwt: Option<jwt::JwtVerifier>,
+    limits: Limits,
+) -> AppState {
+    let engine = changegate_core::MemoryEngine::new(retention, hub);
+    AppState {
+        engine: Arc::new(Engine::Memory { engine, keys }),
+        jwt,
+        limits,
+        closing: CancellationToken::new(),
+    }
+}

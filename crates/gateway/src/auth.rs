@@ -1,0 +1,136 @@
+//! Turning a request's credential into a [`Principal`], failing closed.
+//!
+//! Where a credential may come from, in order of precedence: `Authorization: Bearer <key or
+//! JWT>`, `apikey`, `X-API-Key`, and — on SSE GET routes only — the `apikey` query parameter. A
+//! header always wins over the query parameter. Only read-only keys may travel in a URL.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::http::HeaderMap;
+use axum::http::header::AUTHORIZATION;
+use changegate_core::auth::Action;
+use changegate_core::{ApiKey, Principal, Role};
+
+use crate::engine::Engine;
+use crate::error::ApiError;
+use crate::jwt::{JwtError, JwtVerifier};
+
+/// Whether the route accepts `?apikey=` (SSE GET routes, for browsers' `EventSource`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum QueryKey {
+    /// Read-only keys may come from the query string.
+    Allowed,
+    /// Only headers count.
+    Refused,
+}
+
+enum Presented<'a> {
+    Header(&'a str),
+    Query(&'a str),
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError> {
+    match headers.get(name) {
+        None => Ok(None),
+        Some(value) => value
+            .to_str()
+            .map(|v| Some(v.trim()))
+            .map_err(|_| ApiError::InvalidKey),
+    }
+}
+
+fn presented<'a>(
+    headers: &'a HeaderMap,
+    query: Option<&'a str>,
+    query_key: QueryKey,
+) -> Result<Presented<'a>, ApiError> {
+    if let Some(authorization) = header(headers, AUTHORIZATION.as_str())? {
+        let (scheme, value) = authorization.split_once(' ').unwrap_or((authorization, ""));
+        if !scheme.eq_ignore_ascii_case("bearer") || value.trim().is_empty() {
+            return Err(ApiError::BadAuthorization);
+        }
+        return Ok(Presented::Header(value.trim()));
+    }
+    for name in ["apikey", "x-api-key"] {
+        if let Some(value) = header(headers, name)? {
+            return Ok(Presented::Header(value));
+        }
+    }
+    match (query, query_key) {
+        (Some(value), QueryKey::Allowed) => Ok(Presented::Query(value)),
+        (Some(_), QueryKey::Refused) => {
+            Err(ApiError::CredentialInQuery("a credential on this route"))
+        }
+        (None, _) => Err(ApiError::MissingCredentials("")),
+    }
+}
+
+/// Authenticates a request and checks that it may perform `action`.
+pub async fn authenticate(
+    engine: &Engine,
+    jwt: Option<&JwtVerifier>,
+    headers: &HeaderMap,
+    query: Option<&str>,
+    query_key: QueryKey,
+    action: Action,
+) -> Result<Principal, ApiError> {
+    let (text, from_query) = match presented(headers, query, query_key)? {
+        Presented::Header(text) => (text, false),
+        Presented::Query(text) => (text, true),
+    };
+    let principal = if text.starts_with("flc_") {
+        let key = ApiKey::parse(text).map_err(|_| ApiError::InvalidKey)?;
+        // Judged on the scope written in the key, before any lookup: a privileged key in a URL
+        // is refused whether or not it exists, and the answer reveals nothing about it.
+        if from_query && !key.scope().is_read_only() {
+            return Err(ApiError::CredentialInQuery(privileged_name(key.scope())));
+        }
+        let record = engine.find_key(&key).await?.ok_or(ApiError::InvalidKey)?;
+        if record.revoked {
+            return Err(ApiError::RevokedKey);
+        }
+        Principal {
+            tenant: record.tenant,
+            environment: record.environment,
+            role: Role::Key(record.scope),
+            key_id: Some(record.id),
+        }
+    } else {
+        if from_query {
+            return Err(ApiError::CredentialInQuery("a JWT"));
+        }
+        let verifier = jwt.ok_or(JwtError::NotConfigured)?;
+        let tenant = verifier.verify(text, unix_now())?;
+        Principal {
+            tenant,
+            environment: None,
+            role: Role::Token,
+            key_id: None,
+        }
+    };
+    if !principal.may(action) {
+        let who = match principal.role {
+            Role::Key(scope) => format!("a `{scope}` key"),
+            Role::Token => "this token".to_owned(),
+        };
+        let what = match action {
+            Action::Subscribe => "subscribe to collections or topics",
+            Action::Publish => "publish messages",
+        };
+        return Err(ApiError::Forbidden(format!("{who} cannot {what}")));
+    }
+    Ok(principal)
+}
+
+fn privileged_name(scope: changegate_core::Scope) -> &'static str {
+    match scope {
+        changegate_core::Scope::Publish => "a `publish` key",
+        _ => "a `service` key",
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

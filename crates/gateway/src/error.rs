@@ -1,0 +1,122 @@
+//! The gateway's error type and its one wire form: `{"error":{"code":"…","message":"…"}}`.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+/// Everything a request can fail with. Messages name the problem and what to do; they never
+/// contain a key, a token or another tenant's data.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// No credential in any accepted place.
+    #[error(
+        "no credentials: send an API key in the `apikey`, `X-API-Key` or `Authorization: Bearer` header{0}"
+    )]
+    MissingCredentials(&'static str),
+    /// A key that is malformed or unknown.
+    #[error("invalid API key")]
+    InvalidKey,
+    /// A key that was revoked.
+    #[error("this API key was revoked")]
+    RevokedKey,
+    /// A JWT that does not verify.
+    #[error("invalid token: {0}")]
+    InvalidToken(#[from] crate::jwt::JwtError),
+    /// An `Authorization` header that is not `Bearer <credential>`.
+    #[error("the Authorization header must be `Bearer <key or JWT>`")]
+    BadAuthorization,
+    /// A privileged credential in a URL.
+    #[error(
+        "{0} must not be sent in the query string, where URLs end up in logs; send it in the `apikey`, `X-API-Key` or `Authorization: Bearer` header"
+    )]
+    CredentialInQuery(&'static str),
+    /// Authenticated, but the scope does not allow the route.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The request is malformed; the message says how.
+    #[error("{message}")]
+    BadRequest {
+        /// Machine-readable code.
+        code: &'static str,
+        /// Human-readable explanation.
+        message: String,
+    },
+    /// The body is larger than allowed.
+    #[error("request body is larger than {0} bytes")]
+    PayloadTooLarge(usize),
+    /// Collections need a database engine.
+    #[error(
+        "collections need a database: start changegate with DATABASE_URL (PostgreSQL) to subscribe to `{0}`"
+    )]
+    CollectionsNeedDatabase(String),
+    /// No such route.
+    #[error("no route for {0}")]
+    NotFound(String),
+    /// The route exists, the method does not.
+    #[error("method not allowed on this route")]
+    MethodNotAllowed,
+    /// The gateway is shutting down or a dependency is down.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl ApiError {
+    /// A 400 with a code and message.
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::BadRequest {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::MissingCredentials(_)
+            | Self::InvalidKey
+            | Self::RevokedKey
+            | Self::InvalidToken(_)
+            | Self::BadAuthorization
+            | Self::CredentialInQuery(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::CollectionsNeedDatabase(_) => StatusCode::NOT_IMPLEMENTED,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// The machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::MissingCredentials(_) => "missing_credentials",
+            Self::InvalidKey => "invalid_api_key",
+            Self::RevokedKey => "revoked_api_key",
+            Self::InvalidToken(_) | Self::BadAuthorization => "invalid_token",
+            Self::CredentialInQuery(_) => "credential_in_query",
+            Self::Forbidden(_) => "forbidden",
+            Self::BadRequest { code, .. } => code,
+            Self::PayloadTooLarge(_) => "payload_too_large",
+            Self::CollectionsNeedDatabase(_) => "collections_need_database",
+            Self::NotFound(_) => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::Unavailable(_) => "unavailable",
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({ "error": { "code": self.code(), "message": self.to_string() } });
+        let mut response = (self.status(), axum::Json(body)).into_response();
+        if self.status() == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer realm=\"changegate\""),
+            );
+        }
+        response
+    }
+}

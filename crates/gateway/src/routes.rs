@@ -1,0 +1,309 @@
+//! The HTTP routes: subscribe (SSE), publish, health and readiness, and JSON fallbacks.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{RawQuery, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use changegate_core::auth::Action;
+use changegate_core::event::Dialect;
+use changegate_core::memory::Replay;
+use changegate_core::{CollectionName, Feed, FeedKey, Filter, Position, Topic, TopicPattern};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{QueryKey, authenticate};
+use crate::engine::Engine;
+use crate::error::ApiError;
+use crate::jwt::JwtVerifier;
+use crate::sse;
+
+/// Tunables the routes read.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Heartbeat comment interval on realtime streams.
+    pub heartbeat: Duration,
+    /// Reconnect delay announced with `retry:`.
+    pub retry: Duration,
+    /// Largest accepted publish body, in bytes.
+    pub max_body: usize,
+}
+
+/// Shared state of every route.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    /// Storage and fan-out.
+    pub engine: Arc<Engine>,
+    /// JWT verification, if a secret is configured.
+    pub jwt: Option<JwtVerifier>,
+    /// Route tunables.
+    pub limits: Limits,
+    /// Cancelled when the gateway shuts down: every stream then ends with a `retry:` hint.
+    pub closing: CancellationToken,
+}
+
+/// The full router.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/events/subscribe", get(subscribe))
+        .route("/v1/events/publish", post(publish))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(access_log))
+        .with_state(state)
+}
+
+/// One line per request: method, path (never the query string, which may hold a key), status,
+/// and time to the response head.
+async fn access_log(request: Request, next: Next) -> Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let started = Instant::now();
+    let response = next.run(request).await;
+    tracing::info!(
+        target: "changegate::access",
+        %method,
+        path,
+        status = response.status().as_u16(),
+        ms = started.elapsed().as_millis() as u64,
+    );
+    response
+}
+
+async fn not_found(request: Request) -> ApiError {
+    ApiError::NotFound(request.uri().path().chars().take(200).collect())
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
+async fn healthz() -> impl IntoResponse {
+    axum::Json(json!({ "status": "ok" }))
+}
+
+async fn readyz(State(app): State<AppState>) -> Response {
+    if app.closing.is_cancelled() {
+        return ApiError::Unavailable("shutting down".into()).into_response();
+    }
+    match app.engine.readiness().await {
+        Ok(()) => axum::Json(json!({ "status": "ready" })).into_response(),
+        Err(reason) => ApiError::Unavailable(reason).into_response(),
+    }
+}
+
+/// The query of `/v1/events/subscribe`. Unknown parameters are ignored (cache busters);
+/// known ones given twice are refused.
+#[derive(Default, Debug)]
+struct SubscribeQuery {
+    topic: Option<String>,
+    collection: Option<String>,
+    source: Option<String>,
+    apikey: Option<String>,
+    last_event_id: Option<String>,
+}
+
+impl SubscribeQuery {
+    fn parse(raw: Option<&str>) -> Result<Self, ApiError> {
+        let pairs: Vec<(String, String)> =
+            serde_urlencoded::from_str(raw.unwrap_or("")).map_err(|_| {
+                ApiError::bad_request(
+                    "invalid_query",
+                    "the query string is not valid URL encoding",
+                )
+            })?;
+        let mut query = Self::default();
+        for (name, value) in pairs {
+            let slot = match name.as_str() {
+                "topic" => &mut query.topic,
+                "collection" => &mut query.collection,
+                "source" => &mut query.source,
+                "apikey" => &mut query.apikey,
+                "lastEventId" => &mut query.last_event_id,
+                _ => continue,
+            };
+            if slot.replace(value).is_some() {
+                return Err(ApiError::bad_request(
+                    "invalid_query",
+                    format!("query parameter `{name}` was given more than once"),
+                ));
+            }
+        }
+        Ok(query)
+    }
+}
+
+fn resume_position(headers: &HeaderMap, query: Option<&str>) -> Result<Option<Position>, ApiError> {
+    let header = match headers.get("last-event-id") {
+        Some(value) => Some(value.to_str().map_err(|_| invalid_last_event_id())?),
+        None => None,
+    };
+    match header.or(query).map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(text) => text.parse().map(Some).map_err(|_| invalid_last_event_id()),
+    }
+}
+
+fn invalid_last_event_id() -> ApiError {
+    ApiError::bad_request(
+        "invalid_last_event_id",
+        "Last-Event-ID is not an id this service sent; reconnect without it to start live",
+    )
+}
+
+async fn subscribe(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let query = SubscribeQuery::parse(raw.as_deref())?;
+    let principal = authenticate(
+        &app.engine,
+        app.jwt.as_ref(),
+        &headers,
+        query.apikey.as_deref(),
+        QueryKey::Allowed,
+        Action::Subscribe,
+    )
+    .await?;
+    let (feed, filter) = match (&query.topic, &query.collection) {
+        (Some(topic), None) => {
+            let pattern = TopicPattern::parse(topic)
+                .map_err(|e| ApiError::bad_request("invalid_topic", e.to_string()))?;
+            (Feed::Messages, Filter::Topics(pattern))
+        }
+        (None, Some(collection)) => {
+            let name = CollectionName::parse(collection)
+                .map_err(|e| ApiError::bad_request("invalid_collection", e.to_string()))?;
+            if let Some(source) = query.source.as_deref()
+                && !matches!(source, "postgres" | "mongo")
+            {
+                return Err(ApiError::bad_request(
+                    "invalid_source",
+                    "`source` must be `postgres` or `mongo`",
+                ));
+            }
+            return Err(ApiError::CollectionsNeedDatabase(name.to_string()));
+        }
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                "give either `topic` or `collection`, not both",
+            ));
+        }
+        (None, None) => {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                "say what to subscribe to: `?topic=order.created`, `?topic=order.*` or `?collection=todos`",
+            ));
+        }
+    };
+    let resume = resume_position(&headers, query.last_event_id.as_deref())?;
+    let key = FeedKey {
+        tenant: principal.tenant,
+        feed,
+    };
+
+    // Subscribe before reading the log: every event is then in the replay, the live stream,
+    // or both (and the duplicates are skipped by position).
+    let subscription = app
+        .engine
+        .hub()
+        .subscribe(key.clone(), filter.clone())
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    let mut prelude = vec![sse::hello(app.limits.retry)];
+    let mut after = None;
+    if let Some(position) = resume {
+        match app.engine.replay(&key, &filter, position).await? {
+            Replay::Events(frames) => {
+                prelude.extend(
+                    frames
+                        .iter()
+                        .map(|f| f.encoded(Dialect::Realtime, sse::encode_realtime)),
+                );
+                after = Some(frames.last().map_or(position, |f| f.position()));
+            }
+            Replay::Reset => {
+                let head = app.engine.head(&key).await?;
+                prelude.push(sse::reset(head));
+                after = Some(head);
+            }
+        }
+    }
+    Ok(sse::response(sse::Connection {
+        prelude,
+        subscription,
+        after,
+        heartbeat: app.limits.heartbeat,
+        retry: app.limits.retry,
+        closing: app.closing.child_token(),
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishBody {
+    topic: String,
+    data: Value,
+}
+
+#[derive(Deserialize)]
+struct PublishQuery {
+    apikey: Option<String>,
+}
+
+async fn publish(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let query: PublishQuery = serde_urlencoded::from_str(raw.as_deref().unwrap_or(""))
+        .unwrap_or(PublishQuery { apikey: None });
+    let principal = authenticate(
+        &app.engine,
+        app.jwt.as_ref(),
+        &headers,
+        query.apikey.as_deref(),
+        QueryKey::Refused,
+        Action::Publish,
+    )
+    .await?;
+    let max = app.limits.max_body;
+    let bytes = axum::body::to_bytes(body, max).await.map_err(|e| {
+        let too_large = std::error::Error::source(&e)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+            || e.into_inner().is::<http_body_util::LengthLimitError>();
+        if too_large {
+            ApiError::PayloadTooLarge(max)
+        } else {
+            ApiError::bad_request("invalid_body", "the request body could not be read")
+        }
+    })?;
+    let body: PublishBody = serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_json",
+            format!("the body must be JSON `{{\"topic\": \"…\", \"data\": …}}`: {e}"),
+        )
+    })?;
+    let topic = Topic::parse(&body.topic)
+        .map_err(|e| ApiError::bad_request("invalid_topic", e.to_string()))?;
+    let position = app
+        .engine
+        .publish(&principal.tenant, topic, body.data)
+        .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(json!({ "id": position.to_string() })),
+    )
+        .into_response())
+}

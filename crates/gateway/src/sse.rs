@@ -1,0 +1,317 @@
+//! Server-Sent Events: the realtime dialect's framing and the per-connection stream.
+//!
+//! An event is encoded once (see [`Frame::encoded`]) and the same bytes go to every subscriber.
+//! A connection's stream is: `retry:` → optional `reset` → replayed events → live events, with
+//! heartbeat comments in between. A live event at or before the last replayed position is
+//! skipped, which makes the replay/live seam exact.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use bytes::{Bytes, BytesMut};
+use changegate_core::event::Dialect;
+use changegate_core::{Event, EventBody, Frame, Position, Subscription, Topic};
+use serde::Serialize;
+use serde_json::Value;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+/// Appends one SSE message. `data` is split on every line ending SSE recognises, so no payload
+/// can end the message early or inject a field.
+fn push_message(out: &mut BytesMut, id: Option<&str>, event: Option<&str>, data: &str) {
+    if let Some(event) = event {
+        out.extend_from_slice(b"event: ");
+        out.extend_from_slice(event.as_bytes());
+        out.extend_from_slice(b"\n");
+    }
+    if let Some(id) = id {
+        out.extend_from_slice(b"id: ");
+        out.extend_from_slice(id.as_bytes());
+        out.extend_from_slice(b"\n");
+    }
+    for line in data.split("\r\n").flat_map(|l| l.split(['\r', '\n'])) {
+        out.extend_from_slice(b"data: ");
+        out.extend_from_slice(line.as_bytes());
+        out.extend_from_slice(b"\n");
+    }
+    out.extend_from_slice(b"\n");
+}
+
+/// One SSE message as bytes.
+pub fn message(id: Option<&str>, event: Option<&str>, data: &str) -> Bytes {
+    let mut out = BytesMut::with_capacity(data.len() + 32);
+    push_message(&mut out, id, event, data);
+    out.freeze()
+}
+
+#[derive(Serialize)]
+struct MessageData<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    topic: &'a Topic,
+    data: &'a Value,
+    timestamp: String,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ChangeData<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    document_id: &'a str,
+    document: &'a Value,
+}
+
+/// The realtime dialect (`/v1/events/subscribe`): `id:` + one `data:` line, no `event:` field,
+/// so `EventSource.onmessage` fires.
+pub fn encode_realtime(event: &Event) -> Bytes {
+    let data = match &event.body {
+        EventBody::Message { topic, data } => serde_json::to_string(&MessageData {
+            kind: "message",
+            topic,
+            data,
+            timestamp: event.at.rfc3339(),
+        }),
+        EventBody::Change {
+            op,
+            document_id,
+            document,
+            ..
+        } => serde_json::to_string(&ChangeData {
+            kind: op.as_str(),
+            document_id,
+            document,
+        }),
+    };
+    // Serialising a `Value` and plain strings cannot fail.
+    let data = data.unwrap_or_default();
+    message(Some(&event.position.to_string()), None, &data)
+}
+
+/// The `reset` event: the client's position is gone; it must refetch, then continue from `id`.
+pub fn reset(head: Position) -> Bytes {
+    message(
+        Some(&head.to_string()),
+        Some("reset"),
+        r#"{"reason":"position-expired"}"#,
+    )
+}
+
+fn retry(after: Duration) -> Bytes {
+    Bytes::from(format!("retry: {}\n\n", after.as_millis()))
+}
+
+const HEARTBEAT: &[u8] = b": heartbeat\n\n";
+
+/// Most events written in one chunk when several are waiting: fewer, larger writes.
+const COALESCE: usize = 64;
+
+/// Everything a live SSE connection needs.
+pub struct Connection {
+    /// Sent first, in order: `retry:`, a `reset` if any, the replayed events.
+    pub prelude: Vec<Bytes>,
+    /// The live events.
+    pub subscription: Subscription,
+    /// The last position already in the prelude: live events up to it are duplicates.
+    pub after: Option<Position>,
+    /// Comment interval.
+    pub heartbeat: Duration,
+    /// The reconnect delay announced to the client.
+    pub retry: Duration,
+    /// Cancelled on shutdown (and, per connection, when its key is revoked).
+    pub closing: CancellationToken,
+}
+
+enum Step {
+    Send(Bytes),
+    Finish(Bytes),
+    End,
+}
+
+struct State {
+    prelude: std::vec::IntoIter<Bytes>,
+    subscription: Subscription,
+    after: Option<u64>,
+    heartbeat: tokio::time::Interval,
+    retry: Duration,
+    closing: CancellationToken,
+    done: bool,
+}
+
+impl State {
+    fn fresh(&mut self, frame: &Arc<Frame>) -> bool {
+        let seq = frame.position().seq();
+        if self.after.is_some_and(|after| seq <= after) {
+            return false;
+        }
+        self.after = Some(seq);
+        true
+    }
+
+    async fn next(&mut self) -> Step {
+        if let Some(bytes) = self.prelude.next() {
+            return Step::Send(bytes);
+        }
+        loop {
+            tokio::select! {
+                biased;
+                () = self.closing.cancelled() => return Step::Finish(retry(self.retry)),
+                received = self.subscription.recv() => match received {
+                    Ok(Some(frame)) if self.fresh(&frame) => return self.batch(&frame),
+                    Ok(Some(_)) => continue,
+                    Ok(None) => return Step::End,
+                    Err(_lagged) => return Step::Finish(lagged(self.retry)),
+                },
+                _ = self.heartbeat.tick() => return Step::Send(Bytes::from_static(HEARTBEAT)),
+            }
+        }
+    }
+
+    /// The frame plus any others already waiting, in one write.
+    fn batch(&mut self, first: &Arc<Frame>) -> Step {
+        let first = first.encoded(Dialect::Realtime, encode_realtime);
+        let mut out: Option<BytesMut> = None;
+        for _ in 0..COALESCE {
+            match self.subscription.try_recv() {
+                Ok(Some(frame)) if self.fresh(&frame) => {
+                    let out = out.get_or_insert_with(|| BytesMut::from(&first[..]));
+                    out.extend_from_slice(&frame.encoded(Dialect::Realtime, encode_realtime));
+                }
+                Ok(Some(_)) => continue,
+                Ok(None) => break,
+                // What was gathered is still valid; the lag surfaces on the next `recv`.
+                Err(_lagged) => break,
+            }
+        }
+        Step::Send(out.map_or(first, BytesMut::freeze))
+    }
+}
+
+fn lagged(after: Duration) -> Bytes {
+    Bytes::from(format!(
+        ": too slow: reconnect with Last-Event-ID to catch up\nretry: {}\n\n",
+        after.as_millis()
+    ))
+}
+
+/// The streaming response for a connection.
+pub fn response(connection: Connection) -> Response {
+    let Connection {
+        prelude,
+        subscription,
+        after,
+        heartbeat,
+        retry,
+        closing,
+    } = connection;
+    let mut ticker = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let state = State {
+        prelude: prelude.into_iter(),
+        subscription,
+        after: after.map(Position::seq),
+        heartbeat: ticker,
+        retry,
+        closing,
+        done: false,
+    };
+    let stream = futures_util::stream::unfold(state, |mut state| async move {
+        if state.done {
+            return None;
+        }
+        match state.next().await {
+            Step::Send(bytes) => Some((Ok::<_, Infallible>(bytes), state)),
+            Step::Finish(bytes) => {
+                state.done = true;
+                Some((Ok(bytes), state))
+            }
+            Step::End => None,
+        }
+    });
+    let mut response = Body::from_stream(stream).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
+}
+
+/// The first bytes of every stream: the reconnect delay.
+pub fn hello(retry_after: Duration) -> Bytes {
+    retry(retry_after)
+}
+
+#[cfg(test)]
+mod tests {
+    use changegate_core::{Epoch, TenantId, Timestamp};
+    use serde_json::json;
+
+    use super::*;
+
+    fn event(data: Value) -> Event {
+        Event {
+            tenant: TenantId::parse("t").unwrap(),
+            position: Position::new(Epoch(0xabc), 7),
+            at: Timestamp::from_millis(1_795_383_423_123),
+            body: EventBody::Message {
+                topic: Topic::parse("order.created").unwrap(),
+                data,
+            },
+        }
+    }
+
+    #[test]
+    fn a_message_is_one_id_line_and_one_data_line_without_an_event_field() {
+        let bytes = encode_realtime(&event(json!({"n": 1})));
+        assert_eq!(
+            std::str::from_utf8(&bytes).unwrap(),
+            "id: 00000abc-7\ndata: {\"type\":\"message\",\"topic\":\"order.created\",\"data\":{\"n\":1},\"timestamp\":\"2026-11-22T21:37:03.123Z\"}\n\n"
+        );
+    }
+
+    #[test]
+    fn line_breaks_inside_json_strings_never_break_the_framing() {
+        for nasty in [
+            "a\nb",
+            "a\r\nb",
+            "a\rb",
+            "\n\ndata: forged\n\n",
+            "id: 1\r",
+            "\u{2028}\u{2029}\u{85}",
+        ] {
+            let bytes = encode_realtime(&event(json!({ "s": nasty })));
+            let text = std::str::from_utf8(&bytes).unwrap();
+            let lines: Vec<&str> = text.split(['\n', '\r']).collect();
+            assert_eq!(lines.len(), 4, "{text:?}");
+            assert!(lines[0].starts_with("id: ") && lines[1].starts_with("data: {"));
+            assert_eq!((lines[2], lines[3]), ("", ""));
+            let json: Value = serde_json::from_str(&lines[1]["data: ".len()..]).unwrap();
+            assert_eq!(json["data"]["s"], nasty);
+        }
+    }
+
+    #[test]
+    fn raw_multiline_data_becomes_several_data_lines() {
+        let bytes = message(None, Some("x"), "a\nb\r\nc\rd");
+        assert_eq!(
+            &bytes[..],
+            b"event: x\ndata: a\ndata: b\ndata: c\ndata: d\n\n"
+        );
+    }
+
+    #[test]
+    fn a_reset_names_the_reason_and_where_to_continue() {
+        let bytes = reset(Position::new(Epoch(1), 9));
+        assert_eq!(
+            &bytes[..],
+            b"event: reset\nid: 00000001-9\ndata: {\"reason\":\"position-expired\"}\n\n"
+        );
+    }
+}
