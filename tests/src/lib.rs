@@ -1,1 +1,368 @@
-//! placeholder
+//! End-to-end test harness: builds and starts the real `changegate` binary on a free port and
+//! talks to it as a client would — HTTP requests, and SSE read as bytes off the wire.
+//!
+//! It never reaches into the gateway's memory: everything a test asserts is something a user
+//! can see.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::process::Stdio;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use hmac::{Hmac, Mac};
+use serde_json::Value;
+use sha2::Sha256;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// How long a test waits for something that should happen promptly before failing.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+fn binary() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let status = std::process::Command::new(cargo)
+                .args([
+                    "build",
+                    "--quiet",
+                    "-p",
+                    "changegate",
+                    "--bin",
+                    "changegate",
+                ])
+                .status()
+                .expect("cargo runs");
+            assert!(status.success(), "building the changegate binary failed");
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+            target.join("debug").join("changegate")
+        })
+        .clone()
+}
+
+/// A running gateway process, killed when dropped.
+pub struct Gateway {
+    child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+    /// The dev keys it printed, by scope (empty when started with `--keys`).
+    pub dev_keys: HashMap<String, String>,
+    /// An HTTP client for requests.
+    pub http: reqwest::Client,
+}
+
+impl Gateway {
+    /// Starts `changegate serve --listen 127.0.0.1:0 <args>` and waits for its `listening on` line.
+    pub async fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(binary())
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .env("CHANGEGATE_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the changegate binary starts");
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let mut lines = BufReader::new(stdout).lines();
+        let mut dev_keys = HashMap::new();
+        let base = tokio::time::timeout(PATIENCE, async {
+            while let Some(line) = lines.next_line().await.expect("stdout is readable") {
+                if let Some(address) = line.strip_prefix("listening on ") {
+                    return address.to_owned();
+                }
+                if let Some(rest) = line.strip_prefix("dev key ") {
+                    let field = |name: &str| {
+                        rest.split(' ')
+                            .find_map(|kv| kv.strip_prefix(name))
+                            .expect("dev key line has every field")
+                            .to_owned()
+                    };
+                    dev_keys.insert(field("scope="), field("key="));
+                }
+            }
+            panic!("changegate exited before listening");
+        })
+        .await
+        .expect("changegate listens in time");
+        // Keep draining stdout so the process never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Self {
+            child,
+            base,
+            dev_keys,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// Starts a gateway whose keys come from `keys` (written to a temporary file).
+    pub async fn with_keys(keys: &Value, args: &[&str]) -> Self {
+        let path = std::env::temp_dir().join(format!(
+            "changegate-keys-{}-{}.json",
+            std::process::id(),
+            unique()
+        ));
+        std::fs::write(&path, keys.to_string()).expect("temp dir is writable");
+        let path_text = path.to_string_lossy().into_owned();
+        let mut all = vec!["--keys", path_text.as_str()];
+        all.extend_from_slice(args);
+        let gateway = Self::start(&all).await;
+        let _ = std::fs::remove_file(&path);
+        gateway
+    }
+
+    /// An absolute URL on this gateway.
+    pub fn url(&self, path_and_query: &str) -> String {
+        format!("{}{}", self.base, path_and_query)
+    }
+
+    /// The dev key of `scope`.
+    pub fn dev_key(&self, scope: &str) -> &str {
+        &self.dev_keys[scope]
+    }
+
+    /// Publishes `data` to `topic` with `key` in the `apikey` header; returns the event id.
+    pub async fn publish(&self, key: &str, topic: &str, data: Value) -> String {
+        let response = self
+            .http
+            .post(self.url("/v1/events/publish"))
+            .header("apikey", key)
+            .json(&serde_json::json!({ "topic": topic, "data": data }))
+            .send()
+            .await
+            .expect("publish request is answered");
+        assert_eq!(response.status(), 202, "publish was refused");
+        let body: Value = response.json().await.expect("publish answers JSON");
+        body["id"]
+            .as_str()
+            .expect("publish answers an id")
+            .to_owned()
+    }
+
+    /// Opens an SSE stream; panics unless the answer is 200.
+    pub async fn sse(&self, path_and_query: &str, headers: &[(&str, &str)]) -> Sse {
+        match self.try_sse(path_and_query, headers).await {
+            Ok(sse) => sse,
+            Err((status, body)) => panic!("expected a stream, got {status}: {body}"),
+        }
+    }
+
+    /// Opens an SSE stream, or returns the status and JSON body of the refusal.
+    pub async fn try_sse(
+        &self,
+        path_and_query: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Sse, (u16, Value)> {
+        let mut request = self.http.get(self.url(path_and_query));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = request.send().await.expect("subscribe request is answered");
+        let status = response.status().as_u16();
+        if status != 200 {
+            let body = response.json().await.expect("errors are JSON");
+            return Err((status, body));
+        }
+        let headers = response.headers().clone();
+        Ok(Sse {
+            headers,
+            body: Box::pin(response.bytes_stream()),
+            buffer: Vec::new(),
+            ended: false,
+        })
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub async fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("still running");
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+        assert!(status.is_ok_and(|s| s.success()), "kill -TERM works");
+        tokio::time::timeout(PATIENCE, self.child.wait())
+            .await
+            .expect("exits in time")
+            .expect("wait works")
+    }
+
+    /// The gateway's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("still running")
+    }
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// One SSE message block as it came off the wire.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Block {
+    /// The raw text, including the terminating blank line.
+    pub raw: String,
+}
+
+impl Block {
+    fn field(&self, name: &str) -> Option<&str> {
+        self.raw
+            .lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(": ")))
+    }
+
+    /// The `id:` field.
+    pub fn id(&self) -> Option<&str> {
+        self.field("id")
+    }
+
+    /// The `event:` field.
+    pub fn event(&self) -> Option<&str> {
+        self.field("event")
+    }
+
+    /// The `data:` lines joined, parsed as JSON.
+    pub fn json(&self) -> Value {
+        let data: Vec<&str> = self
+            .raw
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .collect();
+        serde_json::from_str(&data.join("\n"))
+            .unwrap_or_else(|e| panic!("data is not JSON ({e}): {:?}", self.raw))
+    }
+
+    /// Whether this block dispatches an event (it has data).
+    pub fn is_event(&self) -> bool {
+        self.raw.lines().any(|l| l.starts_with("data:"))
+    }
+}
+
+/// An open SSE response, read block by block.
+pub struct Sse {
+    /// Response headers.
+    pub headers: reqwest::header::HeaderMap,
+    body: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
+    buffer: Vec<u8>,
+    ended: bool,
+}
+
+impl Sse {
+    /// The next block (event, comment, or `retry:`), or `None` when the server ended the
+    /// stream. Panics if nothing arrives within [`PATIENCE`].
+    pub async fn next_block(&mut self) -> Option<Block> {
+        self.next_block_within(PATIENCE)
+            .await
+            .expect("a block arrives in time")
+    }
+
+    /// The next block, `Err` if none arrives within `wait`.
+    pub async fn next_block_within(&mut self, wait: Duration) -> Result<Option<Block>, ()> {
+        tokio::time::timeout(wait, async {
+            loop {
+                if let Some(end) = self.buffer.windows(2).position(|w| w == b"\n\n") {
+                    let raw: Vec<u8> = self.buffer.drain(..end + 2).collect();
+                    return Some(Block {
+                        raw: String::from_utf8(raw).expect("SSE is UTF-8"),
+                    });
+                }
+                if self.ended {
+                    assert!(
+                        self.buffer.is_empty(),
+                        "stream ended inside a block: {:?}",
+                        self.buffer
+                    );
+                    return None;
+                }
+                match self.body.next().await {
+                    Some(Ok(bytes)) => self.buffer.extend_from_slice(&bytes),
+                    Some(Err(_)) | None => self.ended = true,
+                }
+            }
+        })
+        .await
+        .map_err(|_| ())
+    }
+
+    /// The next block that carries data (skipping heartbeats and `retry:` hints).
+    pub async fn next_event(&mut self) -> Block {
+        loop {
+            let block = self.next_block().await.expect("the stream stays open");
+            if block.is_event() {
+                return block;
+            }
+        }
+    }
+
+    /// Asserts no event arrives within `wait`.
+    pub async fn assert_quiet(&mut self, wait: Duration) {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next_block_within(left).await {
+                Err(()) => return,
+                Ok(Some(block)) if !block.is_event() => continue,
+                Ok(other) => panic!("expected silence, got {other:?}"),
+            }
+        }
+    }
+}
+
+/// An HS256 JWT over `claims`, signed with `secret`.
+pub fn jwt(claims: &Value, secret: &str) -> String {
+    sign_jwt(
+        &serde_json::json!({"alg": "HS256", "typ": "JWT"}),
+        claims,
+        secret,
+    )
+}
+
+/// A JWT with an arbitrary header (to forge `alg`).
+pub fn sign_jwt(header: &Value, claims: &Value, secret: &str) -> String {
+    let head = URL_SAFE_NO_PAD.encode(header.to_string());
+    let body = URL_SAFE_NO_PAD.encode(claims.to_string());
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length works");
+    mac.update(format!("{head}.{body}").as_bytes());
+    format!(
+        "{head}.{body}.{}",
+        URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
+    )
+}
+
+/// Unix time in seconds.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs()
+}
+
+/// A fresh, well-formed key of `scope` (40 hex characters, unique in this test run), to put
+/// in a key file — or to present without putting it anywhere, as an unknown key.
+pub fn test_key(scope: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_nanos();
+    format!(
+        "flc_{scope}_{:024x}{:016x}",
+        nanos & ((1 << 96) - 1),
+        unique()
+    )
+}
+
+/// The sequence number inside an event id (`<epoch>-<seq>`), for order assertions.
+pub fn seq(id: &str) -> u64 {
+    id.rsplit_once('-')
+        .and_then(|(_, s)| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an event id: {id}"))
+}
