@@ -60,7 +60,8 @@ fn code(body: &Value) -> &str {
 async fn missing_unknown_malformed_and_revoked_credentials_get_401_json() {
     let (gw, keys) = gateway().await;
     let unknown = test_key("anon");
-    let cases: Vec<(String, Vec<(&str, &str)>, &str)> = vec![
+    type Case<'a> = (String, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
         (String::new(), vec![], "missing_credentials"),
         (format!("&apikey={unknown}"), vec![], "invalid_api_key"),
         (

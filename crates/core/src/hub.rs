@@ -228,6 +228,7 @@ impl Hub {
         opened.get_or_try_init(|| upstream.open(&guard.key)).await?;
         Ok(Subscription {
             receiver,
+            lagged: None,
             _guard: guard,
         })
     }
@@ -304,9 +305,13 @@ pub struct Lagged(pub u64);
 
 /// One subscriber's handle: a bounded window on its filter's broadcast ring. Dropping it
 /// unsubscribes.
+///
+/// Once it has lagged it stays lagged: the ring has already skipped the events it missed, so
+/// handing out later events would be a silent gap.
 pub struct Subscription {
     // Declared before the guard: it must be dropped first (see `Guard::drop`).
     receiver: broadcast::Receiver<Arc<Frame>>,
+    lagged: Option<Lagged>,
     _guard: Guard,
 }
 
@@ -321,18 +326,24 @@ impl std::fmt::Debug for Subscription {
 impl Subscription {
     /// The next event; `Ok(None)` once the hub is gone.
     pub async fn recv(&mut self) -> Result<Option<Arc<Frame>>, Lagged> {
+        if let Some(lagged) = self.lagged {
+            return Err(lagged);
+        }
         match self.receiver.recv().await {
             Ok(frame) => Ok(Some(frame)),
             Err(broadcast::error::RecvError::Closed) => Ok(None),
-            Err(broadcast::error::RecvError::Lagged(n)) => Err(Lagged(n)),
+            Err(broadcast::error::RecvError::Lagged(n)) => Err(*self.lagged.insert(Lagged(n))),
         }
     }
 
     /// The next event if one is already waiting.
     pub fn try_recv(&mut self) -> Result<Option<Arc<Frame>>, Lagged> {
+        if let Some(lagged) = self.lagged {
+            return Err(lagged);
+        }
         match self.receiver.try_recv() {
             Ok(frame) => Ok(Some(frame)),
-            Err(broadcast::error::TryRecvError::Lagged(n)) => Err(Lagged(n)),
+            Err(broadcast::error::TryRecvError::Lagged(n)) => Err(*self.lagged.insert(Lagged(n))),
             Err(_) => Ok(None),
         }
     }
@@ -453,6 +464,9 @@ mod tests {
             hub.dispatch(&key("a"), message("a", seq, "t"));
         }
         assert!(matches!(slow.try_recv(), Err(Lagged(6))));
+        // The ring skipped six events: nothing after them may be handed out as if contiguous.
+        assert!(matches!(slow.try_recv(), Err(Lagged(6))));
+        assert!(matches!(slow.recv().await, Err(Lagged(6))));
     }
 
     #[tokio::test]
