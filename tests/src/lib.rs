@@ -30,14 +30,7 @@ fn binary() -> PathBuf {
         .get_or_init(|| {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let status = std::process::Command::new(cargo)
-                .args([
-                    "build",
-                    "--quiet",
-                    "-p",
-                    "changegate",
-                    "--bin",
-                    "changegate",
-                ])
+                .args(["build", "--quiet", "-p", "changegate", "--bin", "changegate"])
                 .status()
                 .expect("cargo runs");
             assert!(status.success(), "building the changegate binary failed");
@@ -96,21 +89,13 @@ impl Gateway {
         .expect("changegate listens in time");
         // Keep draining stdout so the process never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Self {
-            child,
-            base,
-            dev_keys,
-            http: reqwest::Client::new(),
-        }
+        Self { child, base, dev_keys, http: reqwest::Client::new() }
     }
 
     /// Starts a gateway whose keys come from `keys` (written to a temporary file).
     pub async fn with_keys(keys: &Value, args: &[&str]) -> Self {
-        let path = std::env::temp_dir().join(format!(
-            "changegate-keys-{}-{}.json",
-            std::process::id(),
-            unique()
-        ));
+        let path =
+            std::env::temp_dir().join(format!("changegate-keys-{}-{}.json", std::process::id(), unique()));
         std::fs::write(&path, keys.to_string()).expect("temp dir is writable");
         let path_text = path.to_string_lossy().into_owned();
         let mut all = vec!["--keys", path_text.as_str()];
@@ -142,10 +127,7 @@ impl Gateway {
             .expect("publish request is answered");
         assert_eq!(response.status(), 202, "publish was refused");
         let body: Value = response.json().await.expect("publish answers JSON");
-        body["id"]
-            .as_str()
-            .expect("publish answers an id")
-            .to_owned()
+        body["id"].as_str().expect("publish answers an id").to_owned()
     }
 
     /// Opens an SSE stream; panics unless the answer is 200.
@@ -157,11 +139,7 @@ impl Gateway {
     }
 
     /// Opens an SSE stream, or returns the status and JSON body of the refusal.
-    pub async fn try_sse(
-        &self,
-        path_and_query: &str,
-        headers: &[(&str, &str)],
-    ) -> Result<Sse, (u16, Value)> {
+    pub async fn try_sse(&self, path_and_query: &str, headers: &[(&str, &str)]) -> Result<Sse, (u16, Value)> {
         let mut request = self.http.get(self.url(path_and_query));
         for (name, value) in headers {
             request = request.header(*name, *value);
@@ -173,25 +151,15 @@ impl Gateway {
             return Err((status, body));
         }
         let headers = response.headers().clone();
-        Ok(Sse {
-            headers,
-            body: Box::pin(response.bytes_stream()),
-            buffer: Vec::new(),
-            ended: false,
-        })
+        Ok(Sse { headers, body: Box::pin(response.bytes_stream()), buffer: Vec::new(), ended: false })
     }
 
     /// Sends SIGTERM and waits for the exit status.
     pub async fn terminate(mut self) -> std::process::ExitStatus {
         let pid = self.child.id().expect("still running");
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status();
+        let status = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
         assert!(status.is_ok_and(|s| s.success()), "kill -TERM works");
-        tokio::time::timeout(PATIENCE, self.child.wait())
-            .await
-            .expect("exits in time")
-            .expect("wait works")
+        tokio::time::timeout(PATIENCE, self.child.wait()).await.expect("exits in time").expect("wait works")
     }
 
     /// The gateway's process id.
@@ -215,9 +183,7 @@ pub struct Block {
 
 impl Block {
     fn field(&self, name: &str) -> Option<&str> {
-        self.raw
-            .lines()
-            .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(": ")))
+        self.raw.lines().find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(": ")))
     }
 
     /// The `id:` field.
@@ -232,11 +198,7 @@ impl Block {
 
     /// The `data:` lines joined, parsed as JSON.
     pub fn json(&self) -> Value {
-        let data: Vec<&str> = self
-            .raw
-            .lines()
-            .filter_map(|l| l.strip_prefix("data: "))
-            .collect();
+        let data: Vec<&str> = self.raw.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
         serde_json::from_str(&data.join("\n"))
             .unwrap_or_else(|e| panic!("data is not JSON ({e}): {:?}", self.raw))
     }
@@ -260,9 +222,7 @@ impl Sse {
     /// The next block (event, comment, or `retry:`), or `None` when the server ended the
     /// stream. Panics if nothing arrives within [`PATIENCE`].
     pub async fn next_block(&mut self) -> Option<Block> {
-        self.next_block_within(PATIENCE)
-            .await
-            .expect("a block arrives in time")
+        self.next_block_within(PATIENCE).await.expect("a block arrives in time")
     }
 
     /// The next block, `Err` if none arrives within `wait`.
@@ -271,16 +231,10 @@ impl Sse {
             loop {
                 if let Some(end) = self.buffer.windows(2).position(|w| w == b"\n\n") {
                     let raw: Vec<u8> = self.buffer.drain(..end + 2).collect();
-                    return Some(Block {
-                        raw: String::from_utf8(raw).expect("SSE is UTF-8"),
-                    });
+                    return Some(Block { raw: String::from_utf8(raw).expect("SSE is UTF-8") });
                 }
                 if self.ended {
-                    assert!(
-                        self.buffer.is_empty(),
-                        "stream ended inside a block: {:?}",
-                        self.buffer
-                    );
+                    assert!(self.buffer.is_empty(), "stream ended inside a block: {:?}", self.buffer);
                     return None;
                 }
                 match self.body.next().await {
@@ -319,11 +273,7 @@ impl Sse {
 
 /// An HS256 JWT over `claims`, signed with `secret`.
 pub fn jwt(claims: &Value, secret: &str) -> String {
-    sign_jwt(
-        &serde_json::json!({"alg": "HS256", "typ": "JWT"}),
-        claims,
-        secret,
-    )
+    sign_jwt(&serde_json::json!({"alg": "HS256", "typ": "JWT"}), claims, secret)
 }
 
 /// A JWT with an arbitrary header (to forge `alg`).
@@ -332,37 +282,23 @@ pub fn sign_jwt(header: &Value, claims: &Value, secret: &str) -> String {
     let body = URL_SAFE_NO_PAD.encode(claims.to_string());
     let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length works");
     mac.update(format!("{head}.{body}").as_bytes());
-    format!(
-        "{head}.{body}.{}",
-        URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
-    )
+    format!("{head}.{body}.{}", URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes()))
 }
 
 /// Unix time in seconds.
 pub fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("after 1970")
-        .as_secs()
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("after 1970").as_secs()
 }
 
 /// A fresh, well-formed key of `scope` (40 hex characters, unique in this test run), to put
 /// in a key file — or to present without putting it anywhere, as an unknown key.
 pub fn test_key(scope: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("after 1970")
-        .as_nanos();
-    format!(
-        "flc_{scope}_{:024x}{:016x}",
-        nanos & ((1 << 96) - 1),
-        unique()
-    )
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("after 1970").as_nanos();
+    format!("flc_{scope}_{:024x}{:016x}", nanos & ((1 << 96) - 1), unique())
 }
 
 /// The sequence number inside an event id (`<epoch>-<seq>`), for order assertions.
 pub fn seq(id: &str) -> u64 {
-    id.rsplit_once('-')
-        .and_then(|(_, s)| s.parse().ok())
-        .unwrap_or_else(|| panic!("not an event id: {id}"))
+    id.rsplit_once('-').and_then(|(_, s)| s.parse().ok()).unwrap_or_else(|| panic!("not an event id: {id}"))
 }

@@ -34,26 +34,18 @@ async fn gateway() -> (Gateway, Keys) {
         {"tenant": "b", "scope": "anon", "key": keys.b_anon},
         {"tenant": "b", "scope": "publish", "key": keys.b_publish},
     ]);
-    (
-        Gateway::with_keys(&file, &["--jwt-secret", SECRET]).await,
-        keys,
-    )
+    (Gateway::with_keys(&file, &["--jwt-secret", SECRET]).await, keys)
 }
 
 async fn refusal(gw: &Gateway, query: &str, headers: &[(&str, &str)]) -> (u16, Value) {
-    match gw
-        .try_sse(&format!("/v1/events/subscribe?topic=t{query}"), headers)
-        .await
-    {
+    match gw.try_sse(&format!("/v1/events/subscribe?topic=t{query}"), headers).await {
         Ok(_) => panic!("expected a refusal for {query} {headers:?}"),
         Err(refusal) => refusal,
     }
 }
 
 fn code(body: &Value) -> &str {
-    body["error"]["code"]
-        .as_str()
-        .unwrap_or_else(|| panic!("not an error body: {body}"))
+    body["error"]["code"].as_str().unwrap_or_else(|| panic!("not an error body: {body}"))
 }
 
 #[tokio::test]
@@ -64,49 +56,18 @@ async fn missing_unknown_malformed_and_revoked_credentials_get_401_json() {
     let cases: Vec<Case> = vec![
         (String::new(), vec![], "missing_credentials"),
         (format!("&apikey={unknown}"), vec![], "invalid_api_key"),
-        (
-            String::new(),
-            vec![("apikey", unknown.as_str())],
-            "invalid_api_key",
-        ),
-        (
-            String::new(),
-            vec![("apikey", "flc_anon_tooshort")],
-            "invalid_api_key",
-        ),
-        (
-            String::new(),
-            vec![("x-api-key", "not-a-key")],
-            "invalid_token",
-        ),
-        (
-            String::new(),
-            vec![("apikey", keys.a_revoked.as_str())],
-            "revoked_api_key",
-        ),
-        (
-            format!("&apikey={}", keys.a_revoked),
-            vec![],
-            "revoked_api_key",
-        ),
-        (
-            String::new(),
-            vec![("authorization", "Basic dXNlcjpwYXNz")],
-            "invalid_token",
-        ),
+        (String::new(), vec![("apikey", unknown.as_str())], "invalid_api_key"),
+        (String::new(), vec![("apikey", "flc_anon_tooshort")], "invalid_api_key"),
+        (String::new(), vec![("x-api-key", "not-a-key")], "invalid_token"),
+        (String::new(), vec![("apikey", keys.a_revoked.as_str())], "revoked_api_key"),
+        (format!("&apikey={}", keys.a_revoked), vec![], "revoked_api_key"),
+        (String::new(), vec![("authorization", "Basic dXNlcjpwYXNz")], "invalid_token"),
     ];
     for (query, headers, expected) in cases {
         let (status, body) = refusal(&gw, &query, &headers).await;
-        assert_eq!(
-            (status, code(&body)),
-            (401, expected),
-            "{query} {headers:?}: {body}"
-        );
+        assert_eq!((status, code(&body)), (401, expected), "{query} {headers:?}: {body}");
         let message = body["error"]["message"].as_str().unwrap();
-        assert!(
-            !message.contains(&unknown) && !message.contains(&keys.a_revoked),
-            "{message}"
-        );
+        assert!(!message.contains(&unknown) && !message.contains(&keys.a_revoked), "{message}");
     }
 }
 
@@ -121,11 +82,7 @@ async fn every_accepted_header_and_the_query_parameter_authenticate() {
     ] {
         gw.sse("/v1/events/subscribe?topic=t", &headers).await;
     }
-    gw.sse(
-        &format!("/v1/events/subscribe?topic=t&apikey={}", keys.a_anon),
-        &[],
-    )
-    .await;
+    gw.sse(&format!("/v1/events/subscribe?topic=t&apikey={}", keys.a_anon), &[]).await;
 }
 
 #[tokio::test]
@@ -133,24 +90,14 @@ async fn a_header_wins_over_the_query_parameter() {
     let (gw, keys) = gateway().await;
     // Header: tenant a. Query: tenant b. The stream must be tenant a's.
     let mut sse = gw
-        .sse(
-            &format!("/v1/events/subscribe?topic=t&apikey={}", keys.b_anon),
-            &[("apikey", &keys.a_anon)],
-        )
+        .sse(&format!("/v1/events/subscribe?topic=t&apikey={}", keys.b_anon), &[("apikey", &keys.a_anon)])
         .await;
     gw.publish(&keys.b_publish, "t", json!("from b")).await;
     let a_id = gw.publish(&keys.a_publish, "t", json!("from a")).await;
     let event = sse.next_event().await;
-    assert_eq!(
-        (event.id(), &event.json()["data"]),
-        (Some(a_id.as_str()), &json!("from a"))
-    );
+    assert_eq!((event.id(), &event.json()["data"]), (Some(a_id.as_str()), &json!("from a")));
     // A valid header also overrides garbage in the query.
-    gw.sse(
-        "/v1/events/subscribe?topic=t&apikey=garbage",
-        &[("x-api-key", &keys.a_anon)],
-    )
-    .await;
+    gw.sse("/v1/events/subscribe?topic=t&apikey=garbage", &[("x-api-key", &keys.a_anon)]).await;
 }
 
 #[tokio::test]
@@ -160,16 +107,9 @@ async fn privileged_credentials_are_refused_in_the_query_string_even_when_unknow
     let unknown_service = test_key("service");
     for credential in [&keys.a_service, &keys.a_publish, &unknown_service, &token] {
         let (status, body) = refusal(&gw, &format!("&apikey={credential}"), &[]).await;
-        assert_eq!(
-            (status, code(&body)),
-            (401, "credential_in_query"),
-            "{body}"
-        );
+        assert_eq!((status, code(&body)), (401, "credential_in_query"), "{body}");
         let message = body["error"]["message"].as_str().unwrap();
-        assert!(
-            message.contains("header"),
-            "the message names the header to use: {message}"
-        );
+        assert!(message.contains("header"), "the message names the header to use: {message}");
         assert!(!message.contains(credential.as_str()));
     }
 }
@@ -210,32 +150,18 @@ async fn scopes_outside_the_route_get_403() {
         assert_eq!(code(&body), "forbidden");
     }
     // The service key may do both.
-    gw.sse(
-        "/v1/events/subscribe?topic=t",
-        &[("apikey", &keys.a_service)],
-    )
-    .await;
+    gw.sse("/v1/events/subscribe?topic=t", &[("apikey", &keys.a_service)]).await;
     gw.publish(&keys.a_service, "t", json!(1)).await;
 }
 
 #[tokio::test]
 async fn a_valid_jwt_acts_for_its_tenant_only() {
     let (gw, keys) = gateway().await;
-    let token = jwt(
-        &json!({"tenant": "b", "exp": now() + 60, "nbf": now() - 5}),
-        SECRET,
-    );
+    let token = jwt(&json!({"tenant": "b", "exp": now() + 60, "nbf": now() - 5}), SECRET);
     let bearer = format!("Bearer {token}");
-    let mut sse = gw
-        .sse(
-            "/v1/events/subscribe?topic=t",
-            &[("authorization", &bearer)],
-        )
-        .await;
+    let mut sse = gw.sse("/v1/events/subscribe?topic=t", &[("authorization", &bearer)]).await;
     gw.publish(&keys.a_publish, "t", json!("a")).await;
-    let b_id = gw
-        .publish(&bearer.replace("Bearer ", ""), "t", json!("b"))
-        .await;
+    let b_id = gw.publish(&bearer.replace("Bearer ", ""), "t", json!("b")).await;
     assert_eq!(sse.next_event().await.id(), Some(b_id.as_str()));
 }
 
@@ -245,10 +171,7 @@ async fn expired_forged_and_unsigned_jwts_are_refused() {
     let claims = json!({"tenant": "a", "exp": now() + 60});
     let cases = [
         jwt(&json!({"tenant": "a", "exp": now() - 1}), SECRET),
-        jwt(
-            &json!({"tenant": "a", "exp": now() + 60, "nbf": now() + 60}),
-            SECRET,
-        ),
+        jwt(&json!({"tenant": "a", "exp": now() + 60, "nbf": now() + 60}), SECRET),
         jwt(&claims, "another-secret"),
         sign_jwt(&json!({"alg": "none"}), &claims, SECRET),
         jwt(&json!({"tenant": "a"}), SECRET),
@@ -258,11 +181,7 @@ async fn expired_forged_and_unsigned_jwts_are_refused() {
     for token in cases {
         let bearer = format!("Bearer {token}");
         let (status, body) = refusal(&gw, "", &[("authorization", &bearer)]).await;
-        assert_eq!(
-            (status, code(&body)),
-            (401, "invalid_token"),
-            "{token}: {body}"
-        );
+        assert_eq!((status, code(&body)), (401, "invalid_token"), "{token}: {body}");
     }
 }
 
@@ -273,10 +192,5 @@ async fn a_jwt_is_refused_when_no_secret_is_configured() {
     let bearer = format!("Bearer {token}");
     let (status, body) = refusal(&gw, "", &[("authorization", &bearer)]).await;
     assert_eq!((status, code(&body)), (401, "invalid_token"));
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("not configured")
-    );
+    assert!(body["error"]["message"].as_str().unwrap().contains("not configured"));
 }

@@ -8,10 +8,7 @@ use changegate_e2e::{Gateway, seq};
 use serde_json::json;
 
 fn subscribe_path(gw: &Gateway, topic: &str) -> String {
-    format!(
-        "/v1/events/subscribe?topic={topic}&apikey={}",
-        gw.dev_key("anon")
-    )
+    format!("/v1/events/subscribe?topic={topic}&apikey={}", gw.dev_key("anon"))
 }
 
 #[tokio::test]
@@ -24,13 +21,10 @@ async fn a_client_that_reconnects_with_last_event_id_gets_exactly_what_it_missed
     drop(first);
     let missed = [
         gw.publish(publisher, "t", json!(2)).await,
-        gw.publish(publisher, "other", json!("not for this stream"))
-            .await,
+        gw.publish(publisher, "other", json!("not for this stream")).await,
         gw.publish(publisher, "t", json!(3)).await,
     ];
-    let mut again = gw
-        .sse(&subscribe_path(&gw, "t"), &[("last-event-id", &seen)])
-        .await;
+    let mut again = gw.sse(&subscribe_path(&gw, "t"), &[("last-event-id", &seen)]).await;
     assert_eq!(again.next_event().await.id(), Some(missed[0].as_str()));
     assert_eq!(again.next_event().await.id(), Some(missed[2].as_str()));
     let live = gw.publish(publisher, "t", json!(4)).await;
@@ -60,26 +54,16 @@ async fn a_position_older_than_retention_yields_reset_then_live_events() {
     for i in 1..6 {
         gw.publish(publisher, "t", json!(i)).await;
     }
-    let mut sse = gw
-        .sse(&subscribe_path(&gw, "t"), &[("last-event-id", &oldest)])
-        .await;
+    let mut sse = gw.sse(&subscribe_path(&gw, "t"), &[("last-event-id", &oldest)]).await;
     let reset = sse.next_event().await;
     assert_eq!(reset.event(), Some("reset"));
     assert_eq!(reset.json(), json!({"reason": "position-expired"}));
-    let continue_from = reset
-        .id()
-        .expect("a reset carries the id to continue from")
-        .to_owned();
+    let continue_from = reset.id().expect("a reset carries the id to continue from").to_owned();
     let live = gw.publish(publisher, "t", json!("after")).await;
     let event = sse.next_event().await;
     assert_eq!((event.id(), event.event()), (Some(live.as_str()), None));
     // The reset's id is a valid resume point: it yields no reset and nothing stale.
-    let mut resumed = gw
-        .sse(
-            &subscribe_path(&gw, "t"),
-            &[("last-event-id", &continue_from)],
-        )
-        .await;
+    let mut resumed = gw.sse(&subscribe_path(&gw, "t"), &[("last-event-id", &continue_from)]).await;
     assert_eq!(resumed.next_event().await.id(), Some(live.as_str()));
 }
 
@@ -90,9 +74,7 @@ async fn an_id_from_another_gateway_process_yields_reset_not_a_wrong_replay() {
     drop(old);
     let gw = Gateway::start(&[]).await;
     gw.publish(gw.dev_key("publish"), "t", json!(1)).await;
-    let mut sse = gw
-        .sse(&subscribe_path(&gw, "t"), &[("last-event-id", &old_id)])
-        .await;
+    let mut sse = gw.sse(&subscribe_path(&gw, "t"), &[("last-event-id", &old_id)]).await;
     assert_eq!(sse.next_event().await.event(), Some("reset"));
     sse.assert_quiet(Duration::from_millis(200)).await;
 }
@@ -106,10 +88,7 @@ async fn garbage_last_event_ids_get_400_json() {
             .await
             .err()
             .expect("refused");
-        assert_eq!(
-            (status, body["error"]["code"].as_str()),
-            (400, Some("invalid_last_event_id"))
-        );
+        assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_last_event_id")));
     }
 }
 
@@ -139,36 +118,21 @@ async fn resuming_while_publishing_continuously_loses_and_repeats_nothing() {
             if received.len() == total {
                 break;
             }
-            received.push(
-                sse.next_event()
-                    .await
-                    .id()
-                    .expect("every event has an id")
-                    .to_owned(),
-            );
+            received.push(sse.next_event().await.id().expect("every event has an id").to_owned());
         }
         if received.len() == total {
             break;
         }
         reconnects += 1;
         let last = received.last().cloned().unwrap_or_default();
-        let headers: Vec<(&str, &str)> = if last.is_empty() {
-            vec![]
-        } else {
-            vec![("last-event-id", &last)]
-        };
+        let headers: Vec<(&str, &str)> =
+            if last.is_empty() { vec![] } else { vec![("last-event-id", &last)] };
         sse = gw.sse(&subscribe_path(&gw, "seam"), &headers).await;
     }
     let published = publisher.await.unwrap();
-    assert!(
-        reconnects > 20,
-        "the seam was crossed many times ({reconnects})"
-    );
+    assert!(reconnects > 20, "the seam was crossed many times ({reconnects})");
     assert_eq!(received, published, "every event once, in publish order");
-    assert!(
-        received.windows(2).all(|w| seq(&w[0]) < seq(&w[1])),
-        "ids strictly increase"
-    );
+    assert!(received.windows(2).all(|w| seq(&w[0]) < seq(&w[1])), "ids strictly increase");
     let unique: BTreeSet<&String> = received.iter().collect();
     assert_eq!(unique.len(), total);
 }

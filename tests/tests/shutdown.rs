@@ -25,8 +25,5 @@ async fn after_sigterm_new_connections_are_refused() {
     let http = gw.http.clone();
     let status = gw.terminate().await;
     assert!(status.success());
-    assert!(
-        http.get(url).send().await.is_err(),
-        "nothing listens any more"
-    );
+    assert!(http.get(url).send().await.is_err(), "nothing listens any more");
 }

@@ -12,15 +12,9 @@ use tokio::net::TcpSocket;
 /// The body of a chunked HTTP/1.1 response, de-chunked.
 fn dechunk(raw: &[u8]) -> String {
     let text = String::from_utf8_lossy(raw);
-    let (head, mut rest) = text
-        .split_once("\r\n\r\n")
-        .expect("a complete response head");
+    let (head, mut rest) = text.split_once("\r\n\r\n").expect("a complete response head");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    assert!(
-        head.to_ascii_lowercase()
-            .contains("transfer-encoding: chunked"),
-        "{head}"
-    );
+    assert!(head.to_ascii_lowercase().contains("transfer-encoding: chunked"), "{head}");
     let mut body = String::new();
     while let Some((size, after)) = rest.split_once("\r\n") {
         let size = usize::from_str_radix(size.trim(), 16).expect("a chunk size");
@@ -47,10 +41,7 @@ async fn a_stalled_reader_is_disconnected_with_a_retry_hint_and_resumes_without_
     stalled.write_all(request.as_bytes()).await.unwrap();
     // Wait for the head and the retry line, then stop reading.
     let mut raw = vec![0u8; 512];
-    let n = tokio::time::timeout(PATIENCE, stalled.read(&mut raw))
-        .await
-        .unwrap()
-        .unwrap();
+    let n = tokio::time::timeout(PATIENCE, stalled.read(&mut raw)).await.unwrap().unwrap();
     raw.truncate(n);
 
     // Far more than the socket buffers and the hub's 16-event window can hold.
@@ -63,12 +54,8 @@ async fn a_stalled_reader_is_disconnected_with_a_retry_hint_and_resumes_without_
             let mut ids = Vec::new();
             for i in 0..750 {
                 ids.push(
-                    gw.publish(
-                        gw.dev_key("publish"),
-                        "flood",
-                        json!({"w": worker, "i": i, "pad": padding}),
-                    )
-                    .await,
+                    gw.publish(gw.dev_key("publish"), "flood", json!({"w": worker, "i": i, "pad": padding}))
+                        .await,
                 );
             }
             ids
@@ -98,28 +85,15 @@ async fn a_stalled_reader_is_disconnected_with_a_retry_hint_and_resumes_without_
         "the stream ends with a retry hint: {:?}",
         &body[body.len().saturating_sub(200)..]
     );
-    let mut received: Vec<String> = body
-        .lines()
-        .filter_map(|l| l.strip_prefix("id: "))
-        .map(str::to_owned)
-        .collect();
-    assert!(
-        received.len() < published.len(),
-        "the stalled reader was cut off early ({})",
-        received.len()
-    );
+    let mut received: Vec<String> =
+        body.lines().filter_map(|l| l.strip_prefix("id: ")).map(str::to_owned).collect();
+    assert!(received.len() < published.len(), "the stalled reader was cut off early ({})", received.len());
 
     // Resume: everything after the last event seen arrives, once, in order.
-    let last = received
-        .last()
-        .cloned()
-        .expect("some events arrived before the cut");
+    let last = received.last().cloned().expect("some events arrived before the cut");
     let mut sse = gw
         .sse(
-            &format!(
-                "/v1/events/subscribe?topic=flood&apikey={}",
-                gw.dev_key("anon")
-            ),
+            &format!("/v1/events/subscribe?topic=flood&apikey={}", gw.dev_key("anon")),
             &[("last-event-id", &last)],
         )
         .await;

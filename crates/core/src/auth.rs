@@ -29,13 +29,7 @@ pub enum Scope {
 
 impl Scope {
     /// Every scope, in documentation order.
-    pub const ALL: [Scope; 5] = [
-        Self::Anon,
-        Self::Sdk,
-        Self::Stream,
-        Self::Publish,
-        Self::Service,
-    ];
+    pub const ALL: [Scope; 5] = [Self::Anon, Self::Sdk, Self::Stream, Self::Publish, Self::Service];
 
     /// The scope's name as it appears in keys (`flc_<scope>_…`).
     pub const fn as_str(self) -> &'static str {
@@ -70,10 +64,7 @@ impl FromStr for Scope {
     type Err = UnknownScope;
 
     fn from_str(s: &str) -> Result<Self, UnknownScope> {
-        Self::ALL
-            .into_iter()
-            .find(|scope| scope.as_str() == s)
-            .ok_or(UnknownScope)
+        Self::ALL.into_iter().find(|scope| scope.as_str() == s).ok_or(UnknownScope)
     }
 }
 
@@ -104,15 +95,11 @@ impl ApiKey {
         let rest = text.strip_prefix("flc_").ok_or(MalformedKey)?;
         let (scope, random) = rest.split_once('_').ok_or(MalformedKey)?;
         let scope = scope.parse::<Scope>().map_err(|_| MalformedKey)?;
-        let shaped =
-            (20..=128).contains(&random.len()) && random.bytes().all(|b| b.is_ascii_alphanumeric());
+        let shaped = (20..=128).contains(&random.len()) && random.bytes().all(|b| b.is_ascii_alphanumeric());
         if !shaped {
             return Err(MalformedKey);
         }
-        Ok(Self {
-            text: text.to_owned(),
-            scope,
-        })
+        Ok(Self { text: text.to_owned(), scope })
     }
 
     /// A new random key with 160 bits from the operating system's generator.
@@ -124,10 +111,7 @@ impl ApiKey {
         #[allow(clippy::expect_used)]
         getrandom::fill(&mut bytes).expect("the operating system's random source is unavailable");
         let random: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        Self {
-            text: format!("flc_{}_{random}", scope.as_str()),
-            scope,
-        }
+        Self { text: format!("flc_{}_{random}", scope.as_str()), scope }
     }
 
     /// The scope written in the key.
@@ -162,6 +146,15 @@ impl fmt::Debug for ApiKey {
 /// there is nothing to brute-force.
 #[derive(Clone, Copy, Eq, Debug)]
 pub struct KeyHash(pub [u8; 32]);
+
+impl KeyHash {
+    /// A stable, non-secret id derived from the hash (`key_` + 12 hex digits), for listings
+    /// and revocation.
+    pub fn id(&self) -> String {
+        let hex: String = self.0[..6].iter().map(|b| format!("{b:02x}")).collect();
+        format!("key_{hex}")
+    }
+}
 
 impl std::hash::Hash for KeyHash {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
@@ -290,21 +283,14 @@ mod tests {
 
     #[test]
     fn only_anon_sdk_and_stream_are_read_only() {
-        let ro: Vec<_> = Scope::ALL
-            .into_iter()
-            .filter(|s| s.is_read_only())
-            .collect();
+        let ro: Vec<_> = Scope::ALL.into_iter().filter(|s| s.is_read_only()).collect();
         assert_eq!(ro, [Scope::Anon, Scope::Sdk, Scope::Stream]);
     }
 
     #[test]
     fn scopes_allow_exactly_their_actions() {
-        let p = |role| Principal {
-            tenant: TenantId::parse("t").unwrap(),
-            environment: None,
-            role,
-            key_id: None,
-        };
+        let p =
+            |role| Principal { tenant: TenantId::parse("t").unwrap(), environment: None, role, key_id: None };
         let table = [
             (Role::Key(Scope::Anon), true, false),
             (Role::Key(Scope::Sdk), false, false),
@@ -314,11 +300,7 @@ mod tests {
             (Role::Token, true, true),
         ];
         for (role, subscribe, publish) in table {
-            assert_eq!(
-                p(role).may(Action::Subscribe),
-                subscribe,
-                "{role:?} subscribe"
-            );
+            assert_eq!(p(role).may(Action::Subscribe), subscribe, "{role:?} subscribe");
             assert_eq!(p(role).may(Action::Publish), publish, "{role:?} publish");
         }
     }

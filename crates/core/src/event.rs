@@ -16,9 +16,7 @@ pub struct Timestamp(u64);
 impl Timestamp {
     /// The current wall-clock time.
     pub fn now() -> Self {
-        let ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis());
+        let ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis());
         Self(u64::try_from(ms).unwrap_or(u64::MAX))
     }
 
@@ -73,6 +71,25 @@ impl Op {
     }
 }
 
+/// Why a stream was reset.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum ResetReason {
+    /// The client's position is older than retention, or from another log.
+    PositionExpired,
+    /// The table was truncated.
+    Truncated,
+}
+
+impl ResetReason {
+    /// The wire name (`position-expired`, `truncated`).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::PositionExpired => "position-expired",
+            Self::Truncated => "truncated",
+        }
+    }
+}
+
 /// What an event says.
 #[derive(Clone, PartialEq, Debug)]
 pub enum EventBody {
@@ -88,6 +105,12 @@ pub enum EventBody {
         document_id: String,
         /// The row after the change, or before it for a delete.
         document: Value,
+    },
+    /// The stream is no longer continuous (a table was truncated, a position expired): the
+    /// subscriber must refetch its state, then continue from this event's position.
+    Reset {
+        /// Why.
+        reason: ResetReason,
     },
     /// An application message published through `POST /v1/events/publish`.
     Message {
@@ -133,10 +156,7 @@ pub struct Frame {
 impl Frame {
     /// Wraps an event for fan-out.
     pub fn new(event: Event) -> Self {
-        Self {
-            event,
-            encoded: std::array::from_fn(|_| OnceLock::new()),
-        }
+        Self { event, encoded: std::array::from_fn(|_| OnceLock::new()) }
     }
 
     /// The event.
@@ -151,9 +171,7 @@ impl Frame {
 
     /// The encoding of this event in `dialect`, computing it with `encode` only the first time.
     pub fn encoded(&self, dialect: Dialect, encode: impl FnOnce(&Event) -> Bytes) -> Bytes {
-        self.encoded[dialect as usize]
-            .get_or_init(|| encode(&self.event))
-            .clone()
+        self.encoded[dialect as usize].get_or_init(|| encode(&self.event)).clone()
     }
 }
 
@@ -164,14 +182,8 @@ mod tests {
 
     #[test]
     fn timestamps_format_as_rfc3339_with_milliseconds() {
-        assert_eq!(
-            Timestamp::from_millis(0).rfc3339(),
-            "1970-01-01T00:00:00.000Z"
-        );
-        assert_eq!(
-            Timestamp::from_millis(1_795_383_423_123).rfc3339(),
-            "2026-11-22T21:37:03.123Z"
-        );
+        assert_eq!(Timestamp::from_millis(0).rfc3339(), "1970-01-01T00:00:00.000Z");
+        assert_eq!(Timestamp::from_millis(1_795_383_423_123).rfc3339(), "2026-11-22T21:37:03.123Z");
     }
 
     #[test]
@@ -180,10 +192,7 @@ mod tests {
             tenant: TenantId::parse("t").unwrap(),
             position: Position::new(Epoch(1), 1),
             at: Timestamp::from_millis(0),
-            body: EventBody::Message {
-                topic: Topic::parse("a").unwrap(),
-                data: Value::Null,
-            },
+            body: EventBody::Message { topic: Topic::parse("a").unwrap(), data: Value::Null },
         };
         let frame = Frame::new(event);
         let mut calls = 0;
@@ -195,9 +204,6 @@ mod tests {
             calls += 1;
             Bytes::from_static(b"y")
         });
-        assert_eq!(
-            (a, b, calls),
-            (Bytes::from_static(b"x"), Bytes::from_static(b"x"), 1)
-        );
+        assert_eq!((a, b, calls), (Bytes::from_static(b"x"), Bytes::from_static(b"x"), 1));
     }
 }

@@ -114,10 +114,7 @@ pub struct HubConfig {
 
 impl Default for HubConfig {
     fn default() -> Self {
-        Self {
-            buffer: 1024,
-            grace: Duration::from_secs(5),
-        }
+        Self { buffer: 1024, grace: Duration::from_secs(5) }
     }
 }
 
@@ -142,18 +139,14 @@ struct Inner {
 impl Inner {
     fn feeds(&self) -> MutexGuard<'_, HashMap<FeedKey, Slot>> {
         // No code path panics while holding this lock; recover the map if one ever did.
-        self.feeds
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.feeds.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn reap(&self, now: Instant) {
         let mut feeds = self.feeds();
         feeds.retain(|key, slot| {
             let expired = slot.subscribers == 0
-                && slot
-                    .idle_since
-                    .is_some_and(|t| now.duration_since(t) >= self.config.grace);
+                && slot.idle_since.is_some_and(|t| now.duration_since(t) >= self.config.grace);
             if expired && slot.opened.initialized() {
                 self.upstream.close(key);
             }
@@ -170,9 +163,7 @@ pub struct Hub {
 
 impl std::fmt::Debug for Hub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Hub")
-            .field("config", &self.inner.config)
-            .finish_non_exhaustive()
+        f.debug_struct("Hub").field("config", &self.inner.config).finish_non_exhaustive()
     }
 }
 
@@ -180,26 +171,15 @@ impl Hub {
     /// A hub over `upstream`. Must be called inside a Tokio runtime: it starts the task that
     /// closes idle feeds, which ends when the last clone of the hub is dropped.
     pub fn new(config: HubConfig, upstream: Arc<dyn Upstream>) -> Self {
-        let config = HubConfig {
-            buffer: config.buffer.max(1),
-            ..config
-        };
-        let inner = Arc::new(Inner {
-            feeds: Mutex::new(HashMap::new()),
-            config,
-            upstream,
-        });
+        let config = HubConfig { buffer: config.buffer.max(1), ..config };
+        let inner = Arc::new(Inner { feeds: Mutex::new(HashMap::new()), config, upstream });
         tokio::spawn(reaper(Arc::downgrade(&inner), config.grace));
         Self { inner }
     }
 
     /// Subscribes to the events of `key` that match `filter`, opening the feed's upstream if
     /// this is its first subscriber. Events dispatched after this returns are received.
-    pub async fn subscribe(
-        &self,
-        key: FeedKey,
-        filter: Filter,
-    ) -> Result<Subscription, UpstreamError> {
+    pub async fn subscribe(&self, key: FeedKey, filter: Filter) -> Result<Subscription, UpstreamError> {
         let (receiver, opened) = {
             let mut feeds = self.inner.feeds();
             let slot = feeds.entry(key.clone()).or_insert_with(|| Slot {
@@ -220,17 +200,10 @@ impl Hub {
             };
             (receiver, slot.opened.clone())
         };
-        let guard = Guard {
-            hub: Arc::downgrade(&self.inner),
-            key,
-        };
+        let guard = Guard { hub: Arc::downgrade(&self.inner), key };
         let upstream = &self.inner.upstream;
         opened.get_or_try_init(|| upstream.open(&guard.key)).await?;
-        Ok(Subscription {
-            receiver,
-            lagged: None,
-            _guard: guard,
-        })
+        Ok(Subscription { receiver, lagged: None, _guard: guard })
     }
 
     /// Hands an event of `key` to every matching subscriber. Events of one feed must be
@@ -249,19 +222,12 @@ impl Hub {
     /// The feeds that currently have an open upstream (for re-opening after a reconnect).
     pub fn open_feeds(&self) -> Vec<FeedKey> {
         let feeds = self.inner.feeds();
-        feeds
-            .iter()
-            .filter(|(_, s)| s.opened.initialized())
-            .map(|(k, _)| k.clone())
-            .collect()
+        feeds.iter().filter(|(_, s)| s.opened.initialized()).map(|(k, _)| k.clone()).collect()
     }
 
     /// How many subscribers `key` has right now.
     pub fn subscribers(&self, key: &FeedKey) -> usize {
-        self.inner
-            .feeds()
-            .get(key)
-            .map_or(0, |slot| slot.subscribers)
+        self.inner.feeds().get(key).map_or(0, |slot| slot.subscribers)
     }
 }
 
@@ -317,9 +283,7 @@ pub struct Subscription {
 
 impl std::fmt::Debug for Subscription {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Subscription")
-            .field("feed", &self._guard.key)
-            .finish_non_exhaustive()
+        f.debug_struct("Subscription").field("feed", &self._guard.key).finish_non_exhaustive()
     }
 }
 
@@ -377,10 +341,7 @@ mod tests {
     }
 
     fn key(tenant: &str) -> FeedKey {
-        FeedKey {
-            tenant: TenantId::parse(tenant).unwrap(),
-            feed: Feed::Messages,
-        }
+        FeedKey { tenant: TenantId::parse(tenant).unwrap(), feed: Feed::Messages }
     }
 
     fn message(tenant: &str, seq: u64, topic: &str) -> Arc<Frame> {
@@ -388,10 +349,7 @@ mod tests {
             tenant: TenantId::parse(tenant).unwrap(),
             position: Position::new(Epoch(7), seq),
             at: Timestamp::from_millis(0),
-            body: EventBody::Message {
-                topic: Topic::parse(topic).unwrap(),
-                data: json!(seq),
-            },
+            body: EventBody::Message { topic: Topic::parse(topic).unwrap(), data: json!(seq) },
         }))
     }
 
@@ -432,18 +390,13 @@ mod tests {
     async fn events_reach_only_their_tenant_and_matching_topics() {
         let hub = Hub::new(HubConfig::default(), Arc::new(NoUpstream));
         let mut a_orders = hub.subscribe(key("a"), topics("order.*")).await.unwrap();
-        let mut a_exact = hub
-            .subscribe(key("a"), topics("order.created"))
-            .await
-            .unwrap();
+        let mut a_exact = hub.subscribe(key("a"), topics("order.created")).await.unwrap();
         let mut b_all = hub.subscribe(key("b"), topics("*")).await.unwrap();
         hub.dispatch(&key("a"), message("a", 1, "order.created"));
         hub.dispatch(&key("a"), message("a", 2, "order.shipped"));
         hub.dispatch(&key("a"), message("a", 3, "user.created"));
         let seqs = |sub: &mut Subscription| {
-            std::iter::from_fn(|| sub.try_recv().unwrap())
-                .map(|f| f.position().seq())
-                .collect::<Vec<_>>()
+            std::iter::from_fn(|| sub.try_recv().unwrap()).map(|f| f.position().seq()).collect::<Vec<_>>()
         };
         assert_eq!(seqs(&mut a_orders), [1, 2]);
         assert_eq!(seqs(&mut a_exact), [1]);
@@ -452,13 +405,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_reader_that_falls_behind_the_buffer_is_told_it_lagged() {
-        let hub = Hub::new(
-            HubConfig {
-                buffer: 4,
-                grace: Duration::from_secs(1),
-            },
-            Arc::new(NoUpstream),
-        );
+        let hub = Hub::new(HubConfig { buffer: 4, grace: Duration::from_secs(1) }, Arc::new(NoUpstream));
         let mut slow = hub.subscribe(key("a"), topics("*")).await.unwrap();
         for seq in 1..=10 {
             hub.dispatch(&key("a"), message("a", seq, "t"));
@@ -475,10 +422,7 @@ mod tests {
         let mut one = hub.subscribe(key("a"), topics("*")).await.unwrap();
         let mut two = hub.subscribe(key("a"), topics("*")).await.unwrap();
         hub.dispatch(&key("a"), message("a", 1, "t"));
-        let (x, y) = (
-            one.try_recv().unwrap().unwrap(),
-            two.try_recv().unwrap().unwrap(),
-        );
+        let (x, y) = (one.try_recv().unwrap().unwrap(), two.try_recv().unwrap().unwrap());
         assert!(Arc::ptr_eq(&x, &y));
     }
 }

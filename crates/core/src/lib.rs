@@ -14,7 +14,7 @@ pub mod names;
 pub mod position;
 
 pub use auth::{ApiKey, KeyHash, KeyRecord, Principal, Role, Scope};
-pub use event::{Event, EventBody, Frame, Op, SourceKind, Timestamp};
+pub use event::{Event, EventBody, Frame, Op, ResetReason, SourceKind, Timestamp};
 pub use hub::{Feed, FeedKey, Filter, Hub, HubConfig, Lagged, Subscription};
 pub use memory::{MemoryEngine, MemoryKeys, Replay, Retention};
 pub use names::{CollectionName, EnvironmentId, NameError, TenantId, Topic, TopicPattern};

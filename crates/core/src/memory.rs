@@ -29,10 +29,7 @@ pub struct Retention {
 
 impl Default for Retention {
     fn default() -> Self {
-        Self {
-            max_events: 10_000,
-            max_age: Duration::from_secs(3600),
-        }
+        Self { max_events: 10_000, max_age: Duration::from_secs(3600) }
     }
 }
 
@@ -79,9 +76,7 @@ pub struct MemoryEngine {
 
 impl std::fmt::Debug for MemoryEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MemoryEngine")
-            .field("epoch", &self.epoch)
-            .finish_non_exhaustive()
+        f.debug_struct("MemoryEngine").field("epoch", &self.epoch).finish_non_exhaustive()
     }
 }
 
@@ -109,10 +104,7 @@ impl MemoryEngine {
 
     /// The newest position issued: replaying after it yields only future events.
     pub fn head(&self) -> Position {
-        Position::new(
-            self.epoch,
-            *self.last_seq.lock().unwrap_or_else(PoisonError::into_inner),
-        )
+        Position::new(self.epoch, *self.last_seq.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
     fn log(&self, tenant: &TenantId) -> Arc<Mutex<TenantLog>> {
@@ -131,20 +123,12 @@ impl MemoryEngine {
         };
         let at = Timestamp::now();
         let body = EventBody::Message { topic, data };
-        let frame = Arc::new(Frame::new(Event {
-            tenant: tenant.clone(),
-            position,
-            at,
-            body,
-        }));
+        let frame = Arc::new(Frame::new(Event { tenant: tenant.clone(), position, at, body }));
         log.events.push_back(frame.clone());
         log.prune(self.retention, at);
         // Dispatch while holding the tenant's log lock: the hub then sees this tenant's events
         // in log order, which is what makes the replay/live seam exact.
-        let key = FeedKey {
-            tenant: tenant.clone(),
-            feed: Feed::Messages,
-        };
+        let key = FeedKey { tenant: tenant.clone(), feed: Feed::Messages };
         self.hub.dispatch(&key, frame);
         position
     }
@@ -162,15 +146,8 @@ impl MemoryEngine {
         if after.seq() < log.pruned_through {
             return Replay::Reset;
         }
-        let start = log
-            .events
-            .partition_point(|f| f.position().seq() <= after.seq());
-        let events = log
-            .events
-            .range(start..)
-            .filter(|f| filter.matches(f.event()))
-            .cloned()
-            .collect();
+        let start = log.events.partition_point(|f| f.position().seq() <= after.seq());
+        let events = log.events.range(start..).filter(|f| filter.matches(f.event())).cloned().collect();
         Replay::Events(events)
     }
 }
@@ -205,10 +182,7 @@ mod tests {
     }
 
     fn messages(t: &str) -> FeedKey {
-        FeedKey {
-            tenant: tenant(t),
-            feed: Feed::Messages,
-        }
+        FeedKey { tenant: tenant(t), feed: Feed::Messages }
     }
 
     fn all() -> Filter {
@@ -223,10 +197,7 @@ mod tests {
     }
 
     fn engine(max_events: usize) -> MemoryEngine {
-        let retention = Retention {
-            max_events,
-            max_age: Duration::from_secs(60),
-        };
+        let retention = Retention { max_events, max_age: Duration::from_secs(60) };
         MemoryEngine::new(retention, HubConfig::default())
     }
 
@@ -241,16 +212,10 @@ mod tests {
         engine.publish(&tenant("b"), topic("x"), json!(2));
         let p3 = engine.publish(&tenant("a"), topic("y"), json!(3));
         let p4 = engine.publish(&tenant("a"), topic("x"), json!(4));
-        assert_eq!(
-            seqs(engine.replay(&messages("a"), &all(), p1)),
-            [p3.seq(), p4.seq()]
-        );
+        assert_eq!(seqs(engine.replay(&messages("a"), &all(), p1)), [p3.seq(), p4.seq()]);
         let only_x = Filter::Topics(TopicPattern::parse("x").unwrap());
         assert_eq!(seqs(engine.replay(&messages("a"), &only_x, p1)), [p4.seq()]);
-        assert_eq!(
-            seqs(engine.replay(&messages("a"), &all(), p4)),
-            Vec::<u64>::new()
-        );
+        assert_eq!(seqs(engine.replay(&messages("a"), &all(), p4)), Vec::<u64>::new());
     }
 
     #[tokio::test]
@@ -261,10 +226,7 @@ mod tests {
         for _ in 0..3 {
             engine.publish(&tenant("a"), topic("x"), json!(0));
         }
-        assert!(matches!(
-            engine.replay(&messages("a"), &all(), first),
-            Replay::Reset
-        ));
+        assert!(matches!(engine.replay(&messages("a"), &all(), first), Replay::Reset));
         // The oldest retained event follows `second` directly: nothing was lost after it.
         assert_eq!(seqs(engine.replay(&messages("a"), &all(), second)).len(), 3);
     }
@@ -275,23 +237,15 @@ mod tests {
         let p = engine.publish(&tenant("a"), topic("x"), json!(0));
         let other_log = Position::new(Epoch(engine.epoch().0.wrapping_add(1)), p.seq());
         let future = Position::new(engine.epoch(), p.seq() + 1);
-        assert!(matches!(
-            engine.replay(&messages("a"), &all(), other_log),
-            Replay::Reset
-        ));
-        assert!(matches!(
-            engine.replay(&messages("a"), &all(), future),
-            Replay::Reset
-        ));
+        assert!(matches!(engine.replay(&messages("a"), &all(), other_log), Replay::Reset));
+        assert!(matches!(engine.replay(&messages("a"), &all(), future), Replay::Reset));
     }
 
     #[tokio::test]
     async fn live_subscribers_receive_published_events_in_order() {
         let engine = engine(100);
         let mut sub = engine.hub().subscribe(messages("a"), all()).await.unwrap();
-        let published: Vec<_> = (0..5)
-            .map(|i| engine.publish(&tenant("a"), topic("x"), json!(i)))
-            .collect();
+        let published: Vec<_> = (0..5).map(|i| engine.publish(&tenant("a"), topic("x"), json!(i))).collect();
         let mut received = Vec::new();
         while let Some(frame) = sub.try_recv().unwrap() {
             received.push(frame.position());

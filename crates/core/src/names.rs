@@ -25,22 +25,13 @@ fn check(
     rule: &str,
 ) -> Result<(), NameError> {
     if value.is_empty() {
-        return Err(NameError {
-            kind,
-            reason: "must not be empty".into(),
-        });
+        return Err(NameError { kind, reason: "must not be empty".into() });
     }
     if value.chars().count() > max {
-        return Err(NameError {
-            kind,
-            reason: format!("must be at most {max} characters"),
-        });
+        return Err(NameError { kind, reason: format!("must be at most {max} characters") });
     }
     if let Some(bad) = value.chars().find(|c| !allowed(*c)) {
-        return Err(NameError {
-            kind,
-            reason: format!("character {bad:?} is not allowed; use {rule}"),
-        });
+        return Err(NameError { kind, reason: format!("character {bad:?} is not allowed; use {rule}") });
     }
     Ok(())
 }
@@ -96,13 +87,7 @@ string_name!(
 impl TenantId {
     /// Validates a tenant id.
     pub fn parse(s: &str) -> Result<Self, NameError> {
-        check(
-            "tenant",
-            s,
-            128,
-            ident_char,
-            "letters, digits, '_', '-', '.'",
-        )?;
+        check("tenant", s, 128, ident_char, "letters, digits, '_', '-', '.'")?;
         Ok(Self(s.into()))
     }
 }
@@ -115,13 +100,7 @@ string_name!(
 impl EnvironmentId {
     /// Validates an environment id.
     pub fn parse(s: &str) -> Result<Self, NameError> {
-        check(
-            "environment",
-            s,
-            128,
-            ident_char,
-            "letters, digits, '_', '-', '.'",
-        )?;
+        check("environment", s, 128, ident_char, "letters, digits, '_', '-', '.'")?;
         Ok(Self(s.into()))
     }
 }
@@ -144,13 +123,7 @@ string_name!(
 impl Topic {
     /// Validates a topic.
     pub fn parse(s: &str) -> Result<Self, NameError> {
-        check(
-            "topic",
-            s,
-            255,
-            topic_char,
-            "letters, digits, '.', '_', ':', '-'",
-        )?;
+        check("topic", s, 255, topic_char, "letters, digits, '.', '_', ':', '-'")?;
         Ok(Self(s.into()))
     }
 }
@@ -182,10 +155,7 @@ impl TopicPattern {
         }
         match s.strip_suffix('*') {
             Some(prefix) => {
-                Topic::parse(prefix).map_err(|e| NameError {
-                    kind: "topic pattern",
-                    ..e
-                })?;
+                Topic::parse(prefix).map_err(|e| NameError { kind: "topic pattern", ..e })?;
                 Ok(Self::Prefix(prefix.into()))
             }
             None => Ok(Self::Exact(Topic::parse(s)?)),
@@ -223,13 +193,7 @@ string_name!(
 impl CollectionName {
     /// Validates a collection name.
     pub fn parse(s: &str) -> Result<Self, NameError> {
-        check(
-            "collection",
-            s,
-            127,
-            |c| !c.is_control(),
-            "printable characters",
-        )?;
+        check("collection", s, 127, |c| !c.is_control(), "printable characters")?;
         if s.trim() != s {
             return Err(NameError {
                 kind: "collection",

@@ -32,10 +32,7 @@ enum Presented<'a> {
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError> {
     match headers.get(name) {
         None => Ok(None),
-        Some(value) => value
-            .to_str()
-            .map(|v| Some(v.trim()))
-            .map_err(|_| ApiError::InvalidKey),
+        Some(value) => value.to_str().map(|v| Some(v.trim())).map_err(|_| ApiError::InvalidKey),
     }
 }
 
@@ -58,9 +55,7 @@ fn presented<'a>(
     }
     match (query, query_key) {
         (Some(value), QueryKey::Allowed) => Ok(Presented::Query(value)),
-        (Some(_), QueryKey::Refused) => {
-            Err(ApiError::CredentialInQuery("a credential on this route"))
-        }
+        (Some(_), QueryKey::Refused) => Err(ApiError::CredentialInQuery("a credential on this route")),
         (None, _) => Err(ApiError::MissingCredentials("")),
     }
 }
@@ -101,12 +96,7 @@ pub async fn authenticate(
         }
         let verifier = jwt.ok_or(JwtError::NotConfigured)?;
         let tenant = verifier.verify(text, unix_now())?;
-        Principal {
-            tenant,
-            environment: None,
-            role: Role::Token,
-            key_id: None,
-        }
+        Principal { tenant, environment: None, role: Role::Token, key_id: None }
     };
     if !principal.may(action) {
         let who = match principal.role {
@@ -130,7 +120,5 @@ fn privileged_name(scope: changegate_core::Scope) -> &'static str {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }

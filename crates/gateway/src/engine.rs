@@ -1,10 +1,12 @@
 //! The engine the gateway runs on, behind one interface: where keys live, where events are
-//! logged, and how a subscriber replays. Today: the memory engine.
+//! logged, and how a subscriber replays. The memory engine by default; PostgreSQL with
+//! `DATABASE_URL`.
 
-use changegate_core::memory::Replay;
 use changegate_core::{
-    ApiKey, FeedKey, Filter, Hub, KeyRecord, MemoryEngine, MemoryKeys, Position, TenantId, Topic,
+    ApiKey, CollectionName, Feed, FeedKey, Filter, Hub, KeyRecord, MemoryEngine, MemoryKeys, Position,
+    Replay, SourceKind, TenantId, Topic,
 };
+use changegate_postgres::{PgEngine, PgError};
 use serde_json::Value;
 
 use crate::error::ApiError;
@@ -19,6 +21,20 @@ pub enum Engine {
         /// Keys loaded at start.
         keys: MemoryKeys,
     },
+    /// PostgreSQL: keys, outbox, capture, cross-instance fan-out.
+    Postgres(PgEngine),
+}
+
+impl From<PgError> for ApiError {
+    fn from(error: PgError) -> Self {
+        match error {
+            PgError::Invalid(message) => ApiError::bad_request("invalid_request", message),
+            other => {
+                tracing::error!(error = %other, "database error");
+                ApiError::Unavailable("the database is unavailable; try again".into())
+            }
+        }
+    }
 }
 
 impl Engine {
@@ -26,6 +42,7 @@ impl Engine {
     pub fn hub(&self) -> &Hub {
         match self {
             Self::Memory { engine, .. } => engine.hub(),
+            Self::Postgres(engine) => engine.hub(),
         }
     }
 
@@ -33,37 +50,62 @@ impl Engine {
     pub async fn find_key(&self, key: &ApiKey) -> Result<Option<KeyRecord>, ApiError> {
         match self {
             Self::Memory { keys, .. } => Ok(keys.find(key).cloned()),
+            Self::Postgres(engine) => Ok(engine.store().find_key(&key.hash()).await?),
         }
     }
 
-    /// Logs a message and fans it out; returns its position.
-    pub async fn publish(
-        &self,
-        tenant: &TenantId,
-        topic: Topic,
-        data: Value,
-    ) -> Result<Position, ApiError> {
+    /// Logs a message and fans it out (on every instance); returns its position.
+    pub async fn publish(&self, tenant: &TenantId, topic: Topic, data: Value) -> Result<Position, ApiError> {
         match self {
             Self::Memory { engine, .. } => Ok(engine.publish(tenant, topic, data)),
+            Self::Postgres(engine) => Ok(engine.publish(tenant, &topic, &data).await?),
         }
+    }
+
+    /// The feed of a collection subscription, checked against what this engine serves.
+    pub async fn collection_feed(
+        &self,
+        tenant: TenantId,
+        name: &CollectionName,
+        source: Option<&str>,
+    ) -> Result<FeedKey, ApiError> {
+        let engine = match self {
+            Self::Memory { .. } => return Err(ApiError::CollectionsNeedDatabase(name.to_string())),
+            Self::Postgres(engine) => engine,
+        };
+        match source {
+            None | Some("postgres") => {}
+            Some("mongo") => {
+                return Err(ApiError::SourceNotConfigured("MongoDB collections need MONGODB_URL".into()));
+            }
+            Some(_) => {
+                return Err(ApiError::bad_request(
+                    "invalid_source",
+                    "`source` must be `postgres` or `mongo`",
+                ));
+            }
+        }
+        let canonical = engine
+            .store()
+            .resolve_collection(name)
+            .await?
+            .ok_or_else(|| ApiError::CollectionNotEnabled(name.to_string()))?;
+        Ok(FeedKey { tenant, feed: Feed::Collection { source: SourceKind::Postgres, name: canonical } })
     }
 
     /// What a subscriber resuming after `after` must receive before live events.
-    pub async fn replay(
-        &self,
-        key: &FeedKey,
-        filter: &Filter,
-        after: Position,
-    ) -> Result<Replay, ApiError> {
+    pub async fn replay(&self, key: &FeedKey, filter: &Filter, after: Position) -> Result<Replay, ApiError> {
         match self {
             Self::Memory { engine, .. } => Ok(engine.replay(key, filter, after)),
+            Self::Postgres(engine) => Ok(engine.replay(key, filter, after).await?),
         }
     }
 
-    /// The newest position of `key`'s log: where a client continues after a `reset`.
-    pub async fn head(&self, _key: &FeedKey) -> Result<Position, ApiError> {
+    /// Where a client continues after a `reset`.
+    pub async fn head(&self, key: &FeedKey) -> Result<Position, ApiError> {
         match self {
             Self::Memory { engine, .. } => Ok(engine.head()),
+            Self::Postgres(engine) => Ok(engine.head(key).await?),
         }
     }
 
@@ -71,6 +113,20 @@ impl Engine {
     pub async fn readiness(&self) -> Result<(), String> {
         match self {
             Self::Memory { .. } => Ok(()),
+            Self::Postgres(engine) => {
+                if !engine.listening() {
+                    return Err("the PostgreSQL LISTEN connection is down".into());
+                }
+                engine.store().ping().await.map_err(|_| "PostgreSQL is unreachable".to_owned())
+            }
+        }
+    }
+
+    /// Ids of revoked keys as revocations happen, where the engine announces them.
+    pub fn revocations(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
+        match self {
+            Self::Memory { .. } => None,
+            Self::Postgres(engine) => Some(engine.revocations()),
         }
     }
 }

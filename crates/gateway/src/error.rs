@@ -49,6 +49,12 @@ pub enum ApiError {
         "collections need a database: start changegate with DATABASE_URL (PostgreSQL) to subscribe to `{0}`"
     )]
     CollectionsNeedDatabase(String),
+    /// The table exists (or not) but is not realtime-enabled.
+    #[error("collection `{0}` does not exist or is not realtime-enabled (see `changegate realtime enable`)")]
+    CollectionNotEnabled(String),
+    /// The requested source is not configured on this gateway.
+    #[error("{0}")]
+    SourceNotConfigured(String),
     /// No such route.
     #[error("no route for {0}")]
     NotFound(String),
@@ -63,10 +69,7 @@ pub enum ApiError {
 impl ApiError {
     /// A 400 with a code and message.
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
-        Self::BadRequest {
-            code,
-            message: message.into(),
-        }
+        Self::BadRequest { code, message: message.into() }
     }
 
     /// The HTTP status.
@@ -81,7 +84,8 @@ impl ApiError {
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::CollectionsNeedDatabase(_) => StatusCode::NOT_IMPLEMENTED,
+            Self::CollectionsNeedDatabase(_) | Self::SourceNotConfigured(_) => StatusCode::NOT_IMPLEMENTED,
+            Self::CollectionNotEnabled(_) => StatusCode::NOT_FOUND,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -100,6 +104,8 @@ impl ApiError {
             Self::BadRequest { code, .. } => code,
             Self::PayloadTooLarge(_) => "payload_too_large",
             Self::CollectionsNeedDatabase(_) => "collections_need_database",
+            Self::SourceNotConfigured(_) => "source_not_configured",
+            Self::CollectionNotEnabled(_) => "collection_not_enabled",
             Self::NotFound(_) => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::Unavailable(_) => "unavailable",

@@ -56,9 +56,7 @@ impl std::fmt::Debug for JwtVerifier {
 impl JwtVerifier {
     /// A verifier for tokens signed with `secret`.
     pub fn new(secret: &[u8]) -> Self {
-        Self {
-            secret: secret.to_vec(),
-        }
+        Self { secret: secret.to_vec() }
     }
 
     /// The tenant of a valid token at Unix time `now` (seconds).
@@ -73,20 +71,13 @@ impl JwtVerifier {
         if header.get("alg").and_then(Value::as_str) != Some("HS256") {
             return Err(JwtError::Algorithm);
         }
-        let signature = URL_SAFE_NO_PAD
-            .decode(signature)
-            .map_err(|_| JwtError::Malformed)?;
-        let mut mac =
-            Hmac::<Sha256>::new_from_slice(&self.secret).map_err(|_| JwtError::Signature)?;
+        let signature = URL_SAFE_NO_PAD.decode(signature).map_err(|_| JwtError::Malformed)?;
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.secret).map_err(|_| JwtError::Signature)?;
         mac.update(&token.as_bytes()[..header_and_payload_len(token)]);
-        mac.verify_slice(&signature)
-            .map_err(|_| JwtError::Signature)?;
+        mac.verify_slice(&signature).map_err(|_| JwtError::Signature)?;
 
         let claims: Value = decode_json(payload)?;
-        let exp = claims
-            .get("exp")
-            .and_then(Value::as_f64)
-            .ok_or(JwtError::MissingExpiry)?;
+        let exp = claims.get("exp").and_then(Value::as_f64).ok_or(JwtError::MissingExpiry)?;
         // `now` is a whole second; a token whose `exp` is this second has expired (RFC 7519 4.1.4).
         if exp <= now as f64 {
             return Err(JwtError::Expired);
@@ -97,10 +88,7 @@ impl JwtVerifier {
                 return Err(JwtError::NotYetValid);
             }
         }
-        let tenant = claims
-            .get("tenant")
-            .and_then(Value::as_str)
-            .ok_or(JwtError::Tenant)?;
+        let tenant = claims.get("tenant").and_then(Value::as_str).ok_or(JwtError::Tenant)?;
         TenantId::parse(tenant).map_err(|_| JwtError::Tenant)
     }
 }
@@ -110,15 +98,9 @@ fn header_and_payload_len(token: &str) -> usize {
 }
 
 fn decode_json(part: &str) -> Result<Value, JwtError> {
-    let bytes = URL_SAFE_NO_PAD
-        .decode(part)
-        .map_err(|_| JwtError::Malformed)?;
+    let bytes = URL_SAFE_NO_PAD.decode(part).map_err(|_| JwtError::Malformed)?;
     let value: Value = serde_json::from_slice(&bytes).map_err(|_| JwtError::Malformed)?;
-    if value.is_object() {
-        Ok(value)
-    } else {
-        Err(JwtError::Malformed)
-    }
+    if value.is_object() { Ok(value) } else { Err(JwtError::Malformed) }
 }
 
 #[cfg(test)]
@@ -145,11 +127,7 @@ mod tests {
     #[test]
     fn a_valid_token_yields_its_tenant() {
         let v = JwtVerifier::new(b"secret");
-        let token = sign(
-            &hs256(),
-            &json!({"tenant": "acme", "exp": NOW + 60}),
-            b"secret",
-        );
+        let token = sign(&hs256(), &json!({"tenant": "acme", "exp": NOW + 60}), b"secret");
         assert_eq!(v.verify(&token, NOW), Ok(TenantId::parse("acme").unwrap()));
     }
 
@@ -159,42 +137,16 @@ mod tests {
         let ok = json!({"tenant": "acme", "exp": NOW + 60});
         let cases = [
             (sign(&hs256(), &ok, b"other"), JwtError::Signature),
+            (sign(&json!({"alg": "none"}), &ok, b"secret"), JwtError::Algorithm),
+            (sign(&json!({"alg": "HS512"}), &ok, b"secret"), JwtError::Algorithm),
+            (sign(&hs256(), &json!({"tenant": "acme", "exp": NOW}), b"secret"), JwtError::Expired),
+            (sign(&hs256(), &json!({"tenant": "acme"}), b"secret"), JwtError::MissingExpiry),
             (
-                sign(&json!({"alg": "none"}), &ok, b"secret"),
-                JwtError::Algorithm,
-            ),
-            (
-                sign(&json!({"alg": "HS512"}), &ok, b"secret"),
-                JwtError::Algorithm,
-            ),
-            (
-                sign(&hs256(), &json!({"tenant": "acme", "exp": NOW}), b"secret"),
-                JwtError::Expired,
-            ),
-            (
-                sign(&hs256(), &json!({"tenant": "acme"}), b"secret"),
-                JwtError::MissingExpiry,
-            ),
-            (
-                sign(
-                    &hs256(),
-                    &json!({"tenant": "acme", "exp": NOW + 60, "nbf": NOW + 10}),
-                    b"secret",
-                ),
+                sign(&hs256(), &json!({"tenant": "acme", "exp": NOW + 60, "nbf": NOW + 10}), b"secret"),
                 JwtError::NotYetValid,
             ),
-            (
-                sign(&hs256(), &json!({"exp": NOW + 60}), b"secret"),
-                JwtError::Tenant,
-            ),
-            (
-                sign(
-                    &hs256(),
-                    &json!({"tenant": "a b", "exp": NOW + 60}),
-                    b"secret",
-                ),
-                JwtError::Tenant,
-            ),
+            (sign(&hs256(), &json!({"exp": NOW + 60}), b"secret"), JwtError::Tenant),
+            (sign(&hs256(), &json!({"tenant": "a b", "exp": NOW + 60}), b"secret"), JwtError::Tenant),
             ("a.b".to_owned(), JwtError::Malformed),
             ("a.b.c.d".to_owned(), JwtError::Malformed),
             ("!!.??.**".to_owned(), JwtError::Malformed),
@@ -207,11 +159,7 @@ mod tests {
     #[test]
     fn a_tampered_payload_breaks_the_signature() {
         let v = JwtVerifier::new(b"secret");
-        let token = sign(
-            &hs256(),
-            &json!({"tenant": "acme", "exp": NOW + 60}),
-            b"secret",
-        );
+        let token = sign(&hs256(), &json!({"tenant": "acme", "exp": NOW + 60}), b"secret");
         let forged = URL_SAFE_NO_PAD.encode(json!({"tenant": "evil", "exp": NOW + 60}).to_string());
         let parts: Vec<_> = token.split('.').collect();
         let tampered = format!("{}.{}.{}", parts[0], forged, parts[2]);

@@ -32,13 +32,6 @@ struct Entry {
     revoked: bool,
 }
 
-/// A stable, non-secret id for a key: the start of its hash.
-pub fn key_id(key: &ApiKey) -> String {
-    let hash = key.hash();
-    let hex: String = hash.0[..6].iter().map(|b| format!("{b:02x}")).collect();
-    format!("key_{hex}")
-}
-
 /// The record stored for `key`.
 pub fn record(
     key: &ApiKey,
@@ -46,14 +39,7 @@ pub fn record(
     environment: Option<EnvironmentId>,
     revoked: bool,
 ) -> KeyRecord {
-    KeyRecord {
-        id: key_id(key),
-        hash: key.hash(),
-        tenant,
-        environment,
-        scope: key.scope(),
-        revoked,
-    }
+    KeyRecord { id: key.hash().id(), hash: key.hash(), tenant, environment, scope: key.scope(), revoked }
 }
 
 /// Parses the `--keys` file format:
@@ -65,16 +51,11 @@ pub fn parse_key_file(json: &str) -> Result<MemoryKeys, KeyFileError> {
     for (index, entry) in entries.into_iter().enumerate() {
         let bad = |reason: String| KeyFileError::Entry { index, reason };
         let tenant = TenantId::parse(&entry.tenant).map_err(|e| bad(e.to_string()))?;
-        let scope: Scope = entry
-            .scope
-            .parse()
-            .map_err(|e: changegate_core::auth::UnknownScope| bad(e.to_string()))?;
+        let scope: Scope =
+            entry.scope.parse().map_err(|e: changegate_core::auth::UnknownScope| bad(e.to_string()))?;
         let key = ApiKey::parse(&entry.key).map_err(|e| bad(e.to_string()))?;
         if key.scope() != scope {
-            return Err(bad(format!(
-                "the key is a `{}` key but `scope` says `{scope}`",
-                key.scope()
-            )));
+            return Err(bad(format!("the key is a `{}` key but `scope` says `{scope}`", key.scope())));
         }
         let environment = entry
             .environment
@@ -122,12 +103,7 @@ mod tests {
         let keys = parse_key_file(&json).unwrap();
         let a = keys.find(&anon).unwrap();
         assert_eq!(
-            (
-                a.tenant.as_str(),
-                a.scope,
-                a.revoked,
-                a.environment.is_none()
-            ),
+            (a.tenant.as_str(), a.scope, a.revoked, a.environment.is_none()),
             ("t1", Scope::Anon, false, true)
         );
         let s = keys.find(&sdk).unwrap();
@@ -139,25 +115,16 @@ mod tests {
     #[test]
     fn a_key_whose_prefix_contradicts_its_scope_is_refused_without_echoing_it() {
         let key = ApiKey::generate(Scope::Service);
-        let json = format!(
-            r#"[{{"tenant":"t1","scope":"anon","key":"{}"}}]"#,
-            key.expose()
-        );
+        let json = format!(r#"[{{"tenant":"t1","scope":"anon","key":"{}"}}]"#, key.expose());
         let error = parse_key_file(&json).unwrap_err().to_string();
-        assert!(
-            error.contains("entry 0") && error.contains("`service` key"),
-            "{error}"
-        );
+        assert!(error.contains("entry 0") && error.contains("`service` key"), "{error}");
         assert!(!error.contains(key.expose()));
     }
 
     #[test]
     fn malformed_key_files_are_refused() {
-        for bad in [
-            "{}",
-            "[{\"tenant\":\"t\"}]",
-            "[{\"tenant\":\"t\",\"scope\":\"anon\",\"key\":\"nope\"}]",
-        ] {
+        for bad in ["{}", "[{\"tenant\":\"t\"}]", "[{\"tenant\":\"t\",\"scope\":\"anon\",\"key\":\"nope\"}]"]
+        {
             assert!(parse_key_file(bad).is_err(), "{bad}");
         }
     }

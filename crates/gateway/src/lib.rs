@@ -27,6 +27,24 @@ pub use routes::{AppState, Limits};
 /// `retry:` hint and waits up to `drain` for connections to finish.
 pub async fn run(listener: TcpListener, state: AppState, drain: Duration) -> std::io::Result<()> {
     let closing = state.closing.clone();
+    if let Some(mut revoked) = state.engine.revocations() {
+        let revocations = state.revocations.clone();
+        let closing = closing.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = closing.cancelled() => return,
+                    id = revoked.recv() => match id {
+                        Ok(id) => revocations.revoke(&id),
+                        // Too many at once to know which: fail closed, every keyed stream
+                        // reconnects and is authenticated again.
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => revocations.revoke_all(),
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    },
+                }
+            }
+        });
+    }
     let server = axum::serve(listener, routes::router(state))
         .with_graceful_shutdown(closing.clone().cancelled_owned())
         .into_future();
@@ -49,10 +67,15 @@ pub fn memory_state(
     limits: Limits,
 ) -> AppState {
     let engine = changegate_core::MemoryEngine::new(retention, hub);
-    AppState {
-        engine: Arc::new(Engine::Memory { engine, keys }),
-        jwt,
-        limits,
-        closing: CancellationToken::new(),
-    }
+    state(Engine::Memory { engine, keys }, jwt, limits, CancellationToken::new())
+}
+
+/// Builds the state around any engine; `closing` ends every stream when cancelled.
+pub fn state(
+    engine: Engine,
+    jwt: Option<jwt::JwtVerifier>,
+    limits: Limits,
+    closing: CancellationToken,
+) -> AppState {
+    AppState { engine: Arc::new(engine), jwt, limits, closing, revocations: routes::Revocations::default() }
 }

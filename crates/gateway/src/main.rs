@@ -6,18 +6,19 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use changegate::jwt::JwtVerifier;
-use changegate::{Limits, keys};
-use changegate_core::{HubConfig, Retention};
+use changegate::{Engine, Limits, keys};
+use changegate_core::{EnvironmentId, HubConfig, Retention, Scope, TenantId};
+use changegate_postgres::{PgConfig, PgEngine, Store};
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(
-    name = "changegate",
-    version,
-    about = "A multi-tenant realtime database-change gateway"
-)]
+#[command(name = "changegate", version, about = "A multi-tenant realtime database-change gateway")]
 struct Cli {
+    /// PostgreSQL connection string; without it `serve` runs the memory engine.
+    #[arg(long, global = true, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -26,6 +27,85 @@ struct Cli {
 enum Command {
     /// Run the gateway.
     Serve(Serve),
+    /// Apply the database migrations (schema `realtime`).
+    Migrate,
+    /// Manage tenants.
+    #[command(subcommand)]
+    Tenants(Tenants),
+    /// Manage environments of a tenant.
+    #[command(subcommand)]
+    Environments(Environments),
+    /// Manage API keys.
+    #[command(subcommand)]
+    Keys(Keys),
+    /// Turn change capture on or off for a table.
+    #[command(subcommand)]
+    Realtime(Realtime),
+}
+
+#[derive(Subcommand)]
+enum Tenants {
+    /// Create a tenant.
+    Create {
+        /// Its id: 1–128 of `[A-Za-z0-9_.-]`.
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum Environments {
+    /// Create an environment.
+    Create {
+        /// The tenant it belongs to.
+        #[arg(long)]
+        tenant: String,
+        /// Its name.
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum Keys {
+    /// Create a key; prints `key=<key>`, the only time it is shown.
+    Create {
+        /// The tenant it belongs to.
+        #[arg(long)]
+        tenant: String,
+        /// Limit it to one environment.
+        #[arg(long)]
+        environment: Option<String>,
+        /// anon, sdk, stream, publish or service.
+        #[arg(long)]
+        scope: String,
+    },
+    /// List keys (ids, prefixes, scopes; never the keys).
+    List {
+        /// Only this tenant's.
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Revoke a key; its open streams close on every instance.
+    Revoke {
+        /// The key's id (from `keys list`).
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum Realtime {
+    /// Capture a table's changes (`select realtime.enable(table, column)`).
+    Enable {
+        /// `table` or `schema.table`.
+        table: String,
+        /// The column holding the tenant id.
+        #[arg(long, default_value = "tenant_id")]
+        tenant_column: String,
+    },
+    /// Stop capturing a table.
+    Disable {
+        /// `table` or `schema.table`.
+        table: String,
+    },
 }
 
 fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
@@ -55,10 +135,22 @@ struct Serve {
     /// How long a feed without subscribers stays open.
     #[arg(long, env = "CHANGEGATE_GRACE", default_value = "5s", value_parser = duration)]
     grace: Duration,
+    /// Apply migrations before serving (PostgreSQL engine).
+    #[arg(long, env = "CHANGEGATE_MIGRATE")]
+    migrate: bool,
+    /// PostgreSQL engine: connections in the query pool.
+    #[arg(long, env = "CHANGEGATE_PG_POOL", default_value_t = 8)]
+    pg_pool: usize,
+    /// PostgreSQL engine: at most this many outbox rows are kept for replay.
+    #[arg(long, env = "CHANGEGATE_OUTBOX_MAX_ROWS", default_value_t = 1_000_000)]
+    outbox_max_rows: u64,
+    /// PostgreSQL engine: how often the outbox is pruned.
+    #[arg(long, env = "CHANGEGATE_PRUNE_EVERY", default_value = "30s", value_parser = duration)]
+    prune_every: Duration,
     /// Memory engine: events kept per tenant for replay.
     #[arg(long, env = "CHANGEGATE_RETENTION_EVENTS", default_value_t = 10_000)]
     retention_events: usize,
-    /// Memory engine: how long events are kept for replay.
+    /// How long events are kept for replay (both engines).
     #[arg(long, env = "CHANGEGATE_RETENTION_AGE", default_value = "1h", value_parser = duration)]
     retention_age: Duration,
     /// Largest accepted publish body, in bytes.
@@ -79,60 +171,100 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match Cli::parse().command {
-        Command::Serve(args) => serve(args).await,
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve(args, cli.database_url).await,
+        command => admin(command, cli.database_url.as_deref()).await,
     }
 }
 
-async fn serve(args: Serve) -> anyhow::Result<()> {
-    let keys = match &args.keys {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading key file {}", path.display()))?;
-            keys::parse_key_file(&text)
-                .with_context(|| format!("loading key file {}", path.display()))?
+async fn admin(command: Command, url: Option<&str>) -> anyhow::Result<()> {
+    let url = url.context("this command needs a database: set DATABASE_URL or pass --database-url")?;
+    let store = Store::connect(url, 2)?;
+    match command {
+        Command::Serve(_) => anyhow::bail!("`serve` is not an administration command"),
+        Command::Migrate => {
+            let applied = store.migrate().await?;
+            println!("migrations applied: {applied:?}");
         }
-        None => {
-            let (keys, issued) = keys::dev_keys();
-            for key in &issued {
+        Command::Tenants(Tenants::Create { name }) => {
+            store.create_tenant(&TenantId::parse(&name)?).await?;
+            println!("tenant={name}");
+        }
+        Command::Environments(Environments::Create { tenant, name }) => {
+            store.create_environment(&TenantId::parse(&tenant)?, &EnvironmentId::parse(&name)?).await?;
+            println!("environment={name} tenant={tenant}");
+        }
+        Command::Keys(Keys::Create { tenant, environment, scope }) => {
+            let scope: Scope = scope.parse()?;
+            let environment = environment.as_deref().map(EnvironmentId::parse).transpose()?;
+            let (_id, key) =
+                store.create_key(&TenantId::parse(&tenant)?, environment.as_ref(), scope).await?;
+            println!("key={}", key.expose());
+        }
+        Command::Keys(Keys::List { tenant }) => {
+            let tenant = tenant.as_deref().map(TenantId::parse).transpose()?;
+            for key in store.list_keys(tenant.as_ref()).await? {
                 println!(
-                    "dev key tenant={} scope={} key={}",
-                    keys::dev_tenant(),
-                    key.scope(),
-                    key.expose()
+                    "id={} tenant={} environment={} scope={} prefix={} revoked={}",
+                    key.id,
+                    key.tenant,
+                    key.environment.as_deref().unwrap_or("-"),
+                    key.scope,
+                    key.prefix,
+                    key.revoked
                 );
             }
-            keys
         }
+        Command::Keys(Keys::Revoke { id }) => {
+            anyhow::ensure!(store.revoke_key(&id).await?, "no key with id {id}");
+            println!("revoked={id}");
+        }
+        Command::Realtime(Realtime::Enable { table, tenant_column }) => {
+            store.enable_table(&table, &tenant_column).await?;
+            println!("realtime enabled on {table} (tenant column {tenant_column})");
+        }
+        Command::Realtime(Realtime::Disable { table }) => {
+            store.disable_table(&table).await?;
+            println!("realtime disabled on {table}");
+        }
+    }
+    Ok(())
+}
+
+async fn serve(args: Serve, database_url: Option<String>) -> anyhow::Result<()> {
+    let limits = Limits { heartbeat: args.heartbeat, retry: args.retry, max_body: args.max_body };
+    let jwt = args.jwt_secret.as_deref().map(|s| JwtVerifier::new(s.as_bytes()));
+    let hub = HubConfig { buffer: args.buffer, grace: args.grace };
+    let state = match database_url.as_deref() {
+        Some(url) => {
+            anyhow::ensure!(
+                args.keys.is_none(),
+                "--keys is for the memory engine; with a database, keys live in it"
+            );
+            let store = Store::connect(url, args.pg_pool)?;
+            if args.migrate {
+                store.migrate().await.context("applying migrations")?;
+            }
+            let closing = CancellationToken::new();
+            let config = PgConfig {
+                retention_age: args.retention_age,
+                retention_events: args.outbox_max_rows,
+                prune_every: args.prune_every,
+            };
+            let engine = PgEngine::start(store, config, hub, closing.clone())
+                .await
+                .context("starting the PostgreSQL engine")?;
+            changegate::state(Engine::Postgres(engine), jwt, limits, closing)
+        }
+        None => memory(&args, hub, jwt, limits)?,
     };
-    let state = changegate::memory_state(
-        keys,
-        Retention {
-            max_events: args.retention_events,
-            max_age: args.retention_age,
-        },
-        HubConfig {
-            buffer: args.buffer,
-            grace: args.grace,
-        },
-        args.jwt_secret
-            .as_deref()
-            .map(|s| JwtVerifier::new(s.as_bytes())),
-        Limits {
-            heartbeat: args.heartbeat,
-            retry: args.retry,
-            max_body: args.max_body,
-        },
-    );
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("binding {}", args.listen))?;
+    let listener =
+        TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     let address = listener.local_addr()?;
     println!("listening on http://{address}");
-    if args.keys.is_none() {
-        println!(
-            "try: curl -N 'http://{address}/v1/events/subscribe?topic=*&apikey=<the anon key above>'"
-        );
+    if args.keys.is_none() && database_url.is_none() {
+        println!("try: curl -N 'http://{address}/v1/events/subscribe?topic=*&apikey=<the anon key above>'");
     }
 
     let closing = state.closing.clone();
@@ -151,13 +283,35 @@ async fn serve(args: Serve) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn memory(
+    args: &Serve,
+    hub: HubConfig,
+    jwt: Option<JwtVerifier>,
+    limits: Limits,
+) -> anyhow::Result<changegate::AppState> {
+    let keys = match &args.keys {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading key file {}", path.display()))?;
+            keys::parse_key_file(&text).with_context(|| format!("loading key file {}", path.display()))?
+        }
+        None => {
+            let (keys, issued) = keys::dev_keys();
+            for key in &issued {
+                println!("dev key tenant={} scope={} key={}", keys::dev_tenant(), key.scope(), key.expose());
+            }
+            keys
+        }
+    };
+    let retention = Retention { max_events: args.retention_events, max_age: args.retention_age };
+    Ok(changegate::memory_state(keys, retention, hub, jwt, limits))
+}
+
 async fn shutdown_signal() {
     let interrupt = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut terminate = match tokio::signal::unix::signal(
-            tokio::signal::unix::SignalKind::terminate(),
-        ) {
+        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(signal) => signal,
             Err(error) => {
                 tracing::error!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the gateway");

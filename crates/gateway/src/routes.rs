@@ -1,6 +1,7 @@
 //! The HTTP routes: subscribe (SSE), publish, health and readiness, and JSON fallbacks.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -46,6 +47,39 @@ pub struct AppState {
     pub limits: Limits,
     /// Cancelled when the gateway shuts down: every stream then ends with a `retry:` hint.
     pub closing: CancellationToken,
+    /// Streams by key, to close them when their key is revoked.
+    pub revocations: Revocations,
+}
+
+/// One cancellation token per key with open streams: revoking the key cancels them all.
+#[derive(Clone, Debug, Default)]
+pub struct Revocations {
+    tokens: Arc<Mutex<HashMap<String, CancellationToken>>>,
+}
+
+impl Revocations {
+    /// The token a new stream of `key_id` is closed with (a child of `closing`).
+    pub fn token(&self, key_id: Option<&str>, closing: &CancellationToken) -> CancellationToken {
+        let Some(key_id) = key_id else { return closing.child_token() };
+        let mut tokens = self.tokens.lock().unwrap_or_else(PoisonError::into_inner);
+        tokens.retain(|_, token| !token.is_cancelled());
+        tokens.entry(key_id.to_owned()).or_insert_with(|| closing.child_token()).child_token()
+    }
+
+    /// Closes every stream opened with a key (they reconnect and authenticate again).
+    pub fn revoke_all(&self) {
+        let tokens = std::mem::take(&mut *self.tokens.lock().unwrap_or_else(PoisonError::into_inner));
+        tokens.values().for_each(CancellationToken::cancel);
+    }
+
+    /// Closes every open stream of `key_id`.
+    pub fn revoke(&self, key_id: &str) {
+        let token = self.tokens.lock().unwrap_or_else(PoisonError::into_inner).remove(key_id);
+        if let Some(token) = token {
+            tracing::info!(key_id, "key revoked: closing its streams");
+            token.cancel();
+        }
+    }
 }
 
 /// The full router.
@@ -113,13 +147,9 @@ struct SubscribeQuery {
 
 impl SubscribeQuery {
     fn parse(raw: Option<&str>) -> Result<Self, ApiError> {
-        let pairs: Vec<(String, String)> =
-            serde_urlencoded::from_str(raw.unwrap_or("")).map_err(|_| {
-                ApiError::bad_request(
-                    "invalid_query",
-                    "the query string is not valid URL encoding",
-                )
-            })?;
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.unwrap_or("")).map_err(|_| {
+            ApiError::bad_request("invalid_query", "the query string is not valid URL encoding")
+        })?;
         let mut query = Self::default();
         for (name, value) in pairs {
             let slot = match name.as_str() {
@@ -183,15 +213,9 @@ async fn subscribe(
         (None, Some(collection)) => {
             let name = CollectionName::parse(collection)
                 .map_err(|e| ApiError::bad_request("invalid_collection", e.to_string()))?;
-            if let Some(source) = query.source.as_deref()
-                && !matches!(source, "postgres" | "mongo")
-            {
-                return Err(ApiError::bad_request(
-                    "invalid_source",
-                    "`source` must be `postgres` or `mongo`",
-                ));
-            }
-            return Err(ApiError::CollectionsNeedDatabase(name.to_string()));
+            let key =
+                app.engine.collection_feed(principal.tenant.clone(), &name, query.source.as_deref()).await?;
+            (key.feed, Filter::Everything)
         }
         (Some(_), Some(_)) => {
             return Err(ApiError::bad_request(
@@ -207,10 +231,7 @@ async fn subscribe(
         }
     };
     let resume = resume_position(&headers, query.last_event_id.as_deref())?;
-    let key = FeedKey {
-        tenant: principal.tenant,
-        feed,
-    };
+    let key = FeedKey { tenant: principal.tenant, feed };
 
     // Subscribe before reading the log: every event is then in the replay, the live stream,
     // or both (and the duplicates are skipped by position).
@@ -225,11 +246,7 @@ async fn subscribe(
     if let Some(position) = resume {
         match app.engine.replay(&key, &filter, position).await? {
             Replay::Events(frames) => {
-                prelude.extend(
-                    frames
-                        .iter()
-                        .map(|f| f.encoded(Dialect::Realtime, sse::encode_realtime)),
-                );
+                prelude.extend(frames.iter().map(|f| f.encoded(Dialect::Realtime, sse::encode_realtime)));
                 after = Some(frames.last().map_or(position, |f| f.position()));
             }
             Replay::Reset => {
@@ -245,7 +262,7 @@ async fn subscribe(
         after,
         heartbeat: app.limits.heartbeat,
         retry: app.limits.retry,
-        closing: app.closing.child_token(),
+        closing: app.revocations.token(principal.key_id.as_deref(), &app.closing),
     }))
 }
 
@@ -267,8 +284,8 @@ async fn publish(
     RawQuery(raw): RawQuery,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let query: PublishQuery = serde_urlencoded::from_str(raw.as_deref().unwrap_or(""))
-        .unwrap_or(PublishQuery { apikey: None });
+    let query: PublishQuery =
+        serde_urlencoded::from_str(raw.as_deref().unwrap_or("")).unwrap_or(PublishQuery { apikey: None });
     let principal = authenticate(
         &app.engine,
         app.jwt.as_ref(),
@@ -295,15 +312,8 @@ async fn publish(
             format!("the body must be JSON `{{\"topic\": \"…\", \"data\": …}}`: {e}"),
         )
     })?;
-    let topic = Topic::parse(&body.topic)
-        .map_err(|e| ApiError::bad_request("invalid_topic", e.to_string()))?;
-    let position = app
-        .engine
-        .publish(&principal.tenant, topic, body.data)
-        .await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        axum::Json(json!({ "id": position.to_string() })),
-    )
-        .into_response())
+    let topic =
+        Topic::parse(&body.topic).map_err(|e| ApiError::bad_request("invalid_topic", e.to_string()))?;
+    let position = app.engine.publish(&principal.tenant, topic, body.data).await?;
+    Ok((StatusCode::ACCEPTED, axum::Json(json!({ "id": position.to_string() }))).into_response())
 }

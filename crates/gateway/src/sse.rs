@@ -14,7 +14,7 @@ use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use changegate_core::event::Dialect;
-use changegate_core::{Event, EventBody, Frame, Position, Subscription, Topic};
+use changegate_core::{Event, EventBody, Frame, Position, ResetReason, Subscription, Topic};
 use serde::Serialize;
 use serde_json::Value;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -76,16 +76,10 @@ pub fn encode_realtime(event: &Event) -> Bytes {
             data,
             timestamp: event.at.rfc3339(),
         }),
-        EventBody::Change {
-            op,
-            document_id,
-            document,
-            ..
-        } => serde_json::to_string(&ChangeData {
-            kind: op.as_str(),
-            document_id,
-            document,
-        }),
+        EventBody::Change { op, document_id, document, .. } => {
+            serde_json::to_string(&ChangeData { kind: op.as_str(), document_id, document })
+        }
+        EventBody::Reset { reason } => return reset_with(event.position, *reason),
     };
     // Serialising a `Value` and plain strings cannot fail.
     let data = data.unwrap_or_default();
@@ -94,11 +88,12 @@ pub fn encode_realtime(event: &Event) -> Bytes {
 
 /// The `reset` event: the client's position is gone; it must refetch, then continue from `id`.
 pub fn reset(head: Position) -> Bytes {
-    message(
-        Some(&head.to_string()),
-        Some("reset"),
-        r#"{"reason":"position-expired"}"#,
-    )
+    reset_with(head, ResetReason::PositionExpired)
+}
+
+fn reset_with(position: Position, reason: ResetReason) -> Bytes {
+    let data = format!(r#"{{"reason":"{}"}}"#, reason.as_str());
+    message(Some(&position.to_string()), Some("reset"), &data)
 }
 
 fn retry(after: Duration) -> Bytes {
@@ -200,14 +195,7 @@ fn lagged(after: Duration) -> Bytes {
 
 /// The streaming response for a connection.
 pub fn response(connection: Connection) -> Response {
-    let Connection {
-        prelude,
-        subscription,
-        after,
-        heartbeat,
-        retry,
-        closing,
-    } = connection;
+    let Connection { prelude, subscription, after, heartbeat, retry, closing } = connection;
     let mut ticker = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let state = State {
@@ -234,10 +222,7 @@ pub fn response(connection: Connection) -> Response {
     });
     let mut response = Body::from_stream(stream).into_response();
     let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     response
@@ -260,10 +245,7 @@ mod tests {
             tenant: TenantId::parse("t").unwrap(),
             position: Position::new(Epoch(0xabc), 7),
             at: Timestamp::from_millis(1_795_383_423_123),
-            body: EventBody::Message {
-                topic: Topic::parse("order.created").unwrap(),
-                data,
-            },
+            body: EventBody::Message { topic: Topic::parse("order.created").unwrap(), data },
         }
     }
 
@@ -278,14 +260,7 @@ mod tests {
 
     #[test]
     fn line_breaks_inside_json_strings_never_break_the_framing() {
-        for nasty in [
-            "a\nb",
-            "a\r\nb",
-            "a\rb",
-            "\n\ndata: forged\n\n",
-            "id: 1\r",
-            "\u{2028}\u{2029}\u{85}",
-        ] {
+        for nasty in ["a\nb", "a\r\nb", "a\rb", "\n\ndata: forged\n\n", "id: 1\r", "\u{2028}\u{2029}\u{85}"] {
             let bytes = encode_realtime(&event(json!({ "s": nasty })));
             let text = std::str::from_utf8(&bytes).unwrap();
             let lines: Vec<&str> = text.split(['\n', '\r']).collect();
@@ -300,18 +275,12 @@ mod tests {
     #[test]
     fn raw_multiline_data_becomes_several_data_lines() {
         let bytes = message(None, Some("x"), "a\nb\r\nc\rd");
-        assert_eq!(
-            &bytes[..],
-            b"event: x\ndata: a\ndata: b\ndata: c\ndata: d\n\n"
-        );
+        assert_eq!(&bytes[..], b"event: x\ndata: a\ndata: b\ndata: c\ndata: d\n\n");
     }
 
     #[test]
     fn a_reset_names_the_reason_and_where_to_continue() {
         let bytes = reset(Position::new(Epoch(1), 9));
-        assert_eq!(
-            &bytes[..],
-            b"event: reset\nid: 00000001-9\ndata: {\"reason\":\"position-expired\"}\n\n"
-        );
+        assert_eq!(&bytes[..], b"event: reset\nid: 00000001-9\ndata: {\"reason\":\"position-expired\"}\n\n");
     }
 }

@@ -1,0 +1,135 @@
+//! Outbox rows (as `realtime.row_json` renders them, in NOTIFY payloads and replay alike) to
+//! events of the shared model.
+
+use changegate_core::{
+    CollectionName, Epoch, Event, EventBody, Op, Position, ResetReason, SourceKind, TenantId, Timestamp,
+    Topic,
+};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::PgError;
+
+#[derive(Deserialize)]
+struct Row {
+    seq: i64,
+    tenant: String,
+    kind: String,
+    collection: Option<String>,
+    topic: Option<String>,
+    op: Option<String>,
+    document_id: Option<String>,
+    #[serde(default)]
+    payload: Value,
+    at: i64,
+}
+
+#[derive(Deserialize)]
+struct Reference {
+    seq: i64,
+    tenant: String,
+    #[serde(rename = "ref", default)]
+    by_reference: bool,
+}
+
+/// What a NOTIFY carried.
+#[derive(Debug)]
+pub(crate) enum Notified {
+    /// The whole event.
+    Event(Event),
+    /// Too big for NOTIFY: read outbox row `seq` (of `tenant`).
+    Reference {
+        /// Its position.
+        seq: i64,
+        /// Whose it is.
+        tenant: String,
+    },
+}
+
+/// Parses a NOTIFY payload.
+pub(crate) fn notification(payload: &str, epoch: Epoch) -> Result<Notified, PgError> {
+    let reference: Reference = serde_json::from_str(payload).map_err(|e| PgError::Malformed {
+        seq: -1,
+        reason: format!("notification is not an outbox row: {e}"),
+    })?;
+    if reference.by_reference {
+        return Ok(Notified::Reference { seq: reference.seq, tenant: reference.tenant });
+    }
+    row(payload, epoch).map(Notified::Event)
+}
+
+/// Parses one `realtime.row_json` text.
+pub(crate) fn row(text: &str, epoch: Epoch) -> Result<Event, PgError> {
+    let row: Row = serde_json::from_str(text)
+        .map_err(|e| PgError::Malformed { seq: -1, reason: format!("not an outbox row: {e}") })?;
+    let seq = row.seq;
+    let bad = |reason: &str| PgError::Malformed { seq, reason: reason.to_owned() };
+    let tenant = TenantId::parse(&row.tenant).map_err(|e| bad(&e.to_string()))?;
+    let body = match row.kind.as_str() {
+        "message" => EventBody::Message {
+            topic: Topic::parse(row.topic.as_deref().unwrap_or("")).map_err(|e| bad(&e.to_string()))?,
+            data: row.payload,
+        },
+        "change" => EventBody::Change {
+            source: SourceKind::Postgres,
+            collection: CollectionName::parse(row.collection.as_deref().unwrap_or(""))
+                .map_err(|e| bad(&e.to_string()))?,
+            op: match row.op.as_deref() {
+                Some("insert") => Op::Insert,
+                Some("update") => Op::Update,
+                Some("delete") => Op::Delete,
+                _ => return Err(bad("unknown op")),
+            },
+            document_id: row.document_id.unwrap_or_default(),
+            document: row.payload,
+        },
+        "reset" => EventBody::Reset { reason: ResetReason::Truncated },
+        _ => return Err(bad("unknown kind")),
+    };
+    let seq = u64::try_from(seq).map_err(|_| bad("negative seq"))?;
+    let at = Timestamp::from_millis(u64::try_from(row.at).unwrap_or(0));
+    Ok(Event { tenant, position: Position::new(epoch, seq), at, body })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn a_change_row_becomes_a_change_event() {
+        let text = json!({"seq": 7, "tenant": "acme", "kind": "change", "collection": "public.todos",
+                          "topic": null, "op": "delete", "document_id": "1",
+                          "payload": {"id": 1}, "at": 1_795_383_423_123_i64})
+        .to_string();
+        let event = row(&text, Epoch(3)).unwrap();
+        assert_eq!(event.position, Position::new(Epoch(3), 7));
+        assert_eq!(event.tenant.as_str(), "acme");
+        assert!(matches!(
+            event.body,
+            EventBody::Change { op: Op::Delete, ref document_id, ref document, .. }
+                if document_id == "1" && *document == json!({"id": 1})
+        ));
+    }
+
+    #[test]
+    fn a_reference_notification_names_the_row_to_fetch() {
+        let parsed = notification(r#"{"seq":9,"tenant":"acme","ref":true}"#, Epoch(1)).unwrap();
+        assert!(matches!(parsed, Notified::Reference { seq: 9, ref tenant } if tenant == "acme"));
+    }
+
+    #[test]
+    fn malformed_rows_are_errors_not_panics() {
+        for bad in [
+            "nope",
+            r#"{"seq":1}"#,
+            r#"{"seq":1,"tenant":"a b","kind":"message","topic":"t","at":0}"#,
+            r#"{"seq":1,"tenant":"a","kind":"change","collection":"t","op":"merge","at":0}"#,
+            r#"{"seq":-1,"tenant":"a","kind":"reset","at":0}"#,
+            r#"{"seq":1,"tenant":"a","kind":"other","at":0}"#,
+        ] {
+            assert!(row(bad, Epoch(1)).is_err(), "{bad}");
+        }
+    }
+}

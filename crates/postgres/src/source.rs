@@ -1,0 +1,321 @@
+//! The LISTEN source: one dedicated connection per gateway instance, LISTENing only on the
+//! channels the hub has subscribers for, dispatching each notification to the hub in commit
+//! order, and — after a lost connection — replaying from the outbox everything committed since
+//! the last event it delivered on each channel, so nothing is lost while it was down.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use changegate_core::hub::{OpenFuture, Upstream, UpstreamError};
+use changegate_core::{Epoch, Event, FeedKey, Frame, Hub};
+use futures_util::StreamExt;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tokio_postgres::{AsyncMessage, Client, NoTls, Notification};
+use tokio_util::sync::CancellationToken;
+
+use crate::event::{self, Notified};
+use crate::store::{KEYS_CHANNEL, Store};
+use crate::{PgError, channel};
+
+/// Requests from the hub to the listener task.
+pub(crate) enum Command {
+    Listen { key: FeedKey, done: oneshot::Sender<Result<(), String>> },
+    Unlisten { key: FeedKey },
+}
+
+/// The hub's view of the listener.
+pub(crate) struct PgUpstream {
+    pub(crate) commands: mpsc::UnboundedSender<Command>,
+}
+
+impl Upstream for PgUpstream {
+    fn open(&self, key: &FeedKey) -> OpenFuture {
+        let (done, answer) = oneshot::channel();
+        let sent = self.commands.send(Command::Listen { key: key.clone(), done });
+        let tenant = key.tenant.clone();
+        Box::pin(async move {
+            let failed = |reason: String| UpstreamError { tenant: tenant.clone(), reason };
+            sent.map_err(|_| failed("the listener has stopped".into()))?;
+            answer.await.map_err(|_| failed("the listener has stopped".into()))?.map_err(failed)
+        })
+    }
+
+    fn close(&self, key: &FeedKey) {
+        // If the listener is gone there is nothing left to close.
+        let _ = self.commands.send(Command::Unlisten { key: key.clone() });
+    }
+}
+
+struct Listened {
+    key: FeedKey,
+    /// The last position dispatched on this channel (0: none yet).
+    last: u64,
+    /// The channel's head when LISTEN took effect: a reconnect replays from here at least.
+    floor: u64,
+}
+
+impl Listened {
+    fn resume_from(&self) -> u64 {
+        self.last.max(self.floor)
+    }
+}
+
+/// Why a session ended.
+enum Ended {
+    Cancelled,
+    Lost(String),
+}
+
+pub(crate) struct Listener {
+    pub(crate) store: Store,
+    pub(crate) hub: Hub,
+    pub(crate) epoch: Epoch,
+    pub(crate) commands: mpsc::UnboundedReceiver<Command>,
+    pub(crate) ready: watch::Sender<bool>,
+    pub(crate) revoked: broadcast::Sender<String>,
+    pub(crate) cancel: CancellationToken,
+    channels: HashMap<String, Listened>,
+}
+
+fn quoted(channel: &str) -> String {
+    format!("\"{}\"", channel.replace('"', "\"\""))
+}
+
+impl Listener {
+    pub(crate) fn new(
+        store: Store,
+        hub: Hub,
+        epoch: Epoch,
+        commands: mpsc::UnboundedReceiver<Command>,
+        ready: watch::Sender<bool>,
+        revoked: broadcast::Sender<String>,
+        cancel: CancellationToken,
+    ) -> Self {
+        Self { store, hub, epoch, commands, ready, revoked, cancel, channels: HashMap::new() }
+    }
+
+    /// Runs until cancelled: connect, serve, and on any loss reconnect with exponential backoff
+    /// and jitter.
+    pub(crate) async fn run(mut self) {
+        let mut backoff = Duration::from_millis(100);
+        let mut down_since: Option<Instant> = None;
+        loop {
+            match self.connect().await {
+                Ok((client, notifications)) => {
+                    backoff = Duration::from_millis(100);
+                    match self.session(&client, notifications, down_since).await {
+                        Ended::Cancelled => return,
+                        Ended::Lost(reason) => {
+                            tracing::warn!(%reason, "LISTEN connection lost; reconnecting")
+                        }
+                    }
+                    down_since = Some(Instant::now());
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "LISTEN connection failed; retrying");
+                    down_since.get_or_insert_with(Instant::now);
+                }
+            }
+            self.ready.send_replace(false);
+            let wait = backoff + jitter(backoff / 2);
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+            if !self.wait_while_down(wait).await {
+                return;
+            }
+        }
+    }
+
+    /// Waits out the backoff, refusing subscriptions meanwhile. `false` when cancelled.
+    async fn wait_while_down(&mut self, wait: Duration) -> bool {
+        let deadline = tokio::time::sleep(wait);
+        tokio::pin!(deadline);
+        let cancel = self.cancel.clone();
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return false,
+                () = &mut deadline => return true,
+                command = self.commands.recv() => match command {
+                    None => return false,
+                    Some(Command::Listen { done, .. }) => {
+                        let _ = done.send(Err("the database is unreachable".into()));
+                    }
+                    Some(Command::Unlisten { key }) => {
+                        self.channels.remove(&channel(&key));
+                    }
+                },
+            }
+        }
+    }
+
+    async fn connect(
+        &self,
+    ) -> Result<(Client, mpsc::UnboundedReceiver<Notification>), tokio_postgres::Error> {
+        let (client, mut connection) = self.store.config().connect(NoTls).await?;
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let cancel = self.cancel.clone();
+        // Drives the connection; ends (dropping `sender`) when the connection does, which is
+        // how the session learns it was lost.
+        tokio::spawn(async move {
+            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            loop {
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    message = messages.next() => match message {
+                        Some(Ok(AsyncMessage::Notification(n))) => {
+                            if sender.send(n).is_err() {
+                                return;
+                            }
+                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(error)) => {
+                            tracing::debug!(%error, "LISTEN connection closed");
+                            return;
+                        }
+                        None => return,
+                    },
+                }
+            }
+        });
+        Ok((client, receiver))
+    }
+
+    async fn session(
+        &mut self,
+        client: &Client,
+        mut notifications: mpsc::UnboundedReceiver<Notification>,
+        down_since: Option<Instant>,
+    ) -> Ended {
+        if let Err(reason) = self.restore(client, down_since).await {
+            return Ended::Lost(reason);
+        }
+        self.ready.send_replace(true);
+        let cancel = self.cancel.clone();
+        loop {
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => return Ended::Cancelled,
+                note = notifications.recv() => match note {
+                    None => return Ended::Lost("connection closed".into()),
+                    Some(note) => {
+                        if let Err(error) = self.notified(&note).await {
+                            return Ended::Lost(error.to_string());
+                        }
+                    }
+                },
+                command = self.commands.recv() => match command {
+                    None => return Ended::Cancelled,
+                    Some(Command::Listen { key, done }) => {
+                        let result = self.listen(client, key).await;
+                        let lost = result.as_ref().err().filter(|_| client.is_closed()).cloned();
+                        let _ = done.send(result);
+                        if let Some(reason) = lost {
+                            return Ended::Lost(reason);
+                        }
+                    }
+                    Some(Command::Unlisten { key }) => {
+                        let name = channel(&key);
+                        if self.channels.remove(&name).is_some()
+                            && let Err(error) = client.batch_execute(&format!("UNLISTEN {}", quoted(&name))).await
+                        {
+                            return Ended::Lost(error.to_string());
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    /// After (re)connecting: LISTEN again on every channel, then deliver what was committed
+    /// while the connection was down, and replay revocations announced meanwhile.
+    async fn restore(&mut self, client: &Client, down_since: Option<Instant>) -> Result<(), String> {
+        client.batch_execute(&format!("LISTEN {KEYS_CHANNEL}")).await.map_err(|e| e.to_string())?;
+        for name in self.channels.keys() {
+            client.batch_execute(&format!("LISTEN {}", quoted(name))).await.map_err(|e| e.to_string())?;
+        }
+        let Some(down_since) = down_since else { return Ok(()) };
+        let window = down_since.elapsed() + Duration::from_secs(10);
+        for id in self.store.revoked_within(window).await.map_err(|e| e.to_string())? {
+            let _ = self.revoked.send(id);
+        }
+        let names: Vec<String> = self.channels.keys().cloned().collect();
+        for name in names {
+            let Some(listened) = self.channels.get(&name) else { continue };
+            let events = self
+                .store
+                .replay(&name, &listened.key.tenant, listened.resume_from(), self.epoch)
+                .await
+                .map_err(|e| e.to_string())?;
+            let replayed = events.len();
+            for event in events {
+                self.dispatch(&name, event);
+            }
+            if replayed > 0 {
+                tracing::info!(replayed, "delivered changes committed while LISTEN was down");
+            }
+        }
+        Ok(())
+    }
+
+    async fn listen(&mut self, client: &Client, key: FeedKey) -> Result<(), String> {
+        let name = channel(&key);
+        if self.channels.contains_key(&name) {
+            return Ok(());
+        }
+        client.batch_execute(&format!("LISTEN {}", quoted(&name))).await.map_err(|e| e.to_string())?;
+        let floor = self.store.head(&name).await.map_err(|e| e.to_string())?;
+        self.channels.insert(name, Listened { key, last: 0, floor });
+        Ok(())
+    }
+
+    async fn notified(&mut self, note: &Notification) -> Result<(), PgError> {
+        if note.channel() == KEYS_CHANNEL {
+            let _ = self.revoked.send(note.payload().to_owned());
+            return Ok(());
+        }
+        let Some(listened) = self.channels.get(note.channel()) else { return Ok(()) };
+        let event = match event::notification(note.payload(), self.epoch) {
+            Ok(Notified::Event(event)) => event,
+            Ok(Notified::Reference { seq, tenant }) => {
+                if tenant != listened.key.tenant.as_str() {
+                    tracing::error!(channel = note.channel(), "notification for another tenant ignored");
+                    return Ok(());
+                }
+                // A fetch failure must not lose the event: end the session, and the reconnect
+                // replays from the last delivered position, which is before this one.
+                match self.store.fetch(seq, &tenant, self.epoch).await? {
+                    Some(event) => event,
+                    None => return Ok(()),
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, "unreadable notification ignored");
+                return Ok(());
+            }
+        };
+        let name = note.channel().to_owned();
+        self.dispatch(&name, event);
+        Ok(())
+    }
+
+    fn dispatch(&mut self, name: &str, event: Event) {
+        let Some(listened) = self.channels.get_mut(name) else { return };
+        if event.tenant != listened.key.tenant {
+            tracing::error!(channel = name, "event of another tenant on a channel ignored");
+            return;
+        }
+        let seq = event.position.seq();
+        if seq <= listened.last {
+            return;
+        }
+        listened.last = seq;
+        self.hub.dispatch(&listened.key, Arc::new(Frame::new(event)));
+    }
+}
+
+fn jitter(max: Duration) -> Duration {
+    let mut byte = [0u8; 2];
+    let _ = getrandom::fill(&mut byte);
+    max.mul_f64(f64::from(u16::from_le_bytes(byte)) / f64::from(u16::MAX))
+}

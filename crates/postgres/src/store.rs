@@ -1,0 +1,402 @@
+//! Queries: tenants and keys, collections, the outbox. Every caller-supplied value travels as a
+//! bind parameter; table names are resolved by the catalog, never formatted into SQL here.
+
+use std::time::Duration;
+
+use changegate_core::{
+    ApiKey, CollectionName, EnvironmentId, Epoch, Event, KeyHash, KeyRecord, Scope, TenantId, Topic,
+};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use serde_json::Value;
+use tokio_postgres::NoTls;
+use tokio_postgres::error::SqlState;
+
+use crate::{PgError, event};
+
+/// The NOTIFY channel on which key revocations are announced to every instance.
+pub const KEYS_CHANNEL: &str = "flc_keys";
+
+/// A key as `keys list` shows it: never the key itself.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyListing {
+    /// Stable id (for `keys revoke`).
+    pub id: String,
+    /// Owner.
+    pub tenant: String,
+    /// Environment, if limited to one.
+    pub environment: Option<String>,
+    /// Scope.
+    pub scope: String,
+    /// Non-secret display prefix.
+    pub prefix: String,
+    /// Whether it was revoked.
+    pub revoked: bool,
+}
+
+/// A pool of connections and the queries changegate runs over them.
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+    config: tokio_postgres::Config,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the config: it may hold a password.
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+fn invalid_or(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> PgError {
+    move |e| match e.code() {
+        Some(c) if *c == SqlState::FOREIGN_KEY_VIOLATION => {
+            PgError::Invalid(format!("{context}: the tenant or environment does not exist"))
+        }
+        Some(c) if *c == SqlState::UNIQUE_VIOLATION => {
+            PgError::Invalid(format!("{context}: it already exists"))
+        }
+        Some(c) if *c == SqlState::CHECK_VIOLATION => PgError::Invalid(format!("{context}: invalid value")),
+        _ => PgError::Query { context: context.to_owned(), source: e },
+    }
+}
+
+impl Store {
+    /// A pool of at most `size` connections to `url` (no connection is made yet).
+    pub fn connect(url: &str, size: usize) -> Result<Self, PgError> {
+        let config: tokio_postgres::Config =
+            url.parse().map_err(|e: tokio_postgres::Error| PgError::Config(e.to_string()))?;
+        let manager = Manager::from_config(
+            config.clone(),
+            NoTls,
+            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(size.max(1))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(Duration::from_secs(5)))
+            .create_timeout(Some(Duration::from_secs(5)))
+            .build()
+            .map_err(|e| PgError::Config(e.to_string()))?;
+        Ok(Self { pool, config })
+    }
+
+    /// The connection settings (for the LISTEN connection).
+    pub fn config(&self) -> &tokio_postgres::Config {
+        &self.config
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, PgError> {
+        self.pool.get().await.map_err(|e| PgError::Unavailable(e.to_string()))
+    }
+
+    /// Applies pending migrations; returns the versions applied.
+    pub async fn migrate(&self) -> Result<Vec<i32>, PgError> {
+        let mut client = self.client().await?;
+        crate::migrate::run(&mut client).await
+    }
+
+    /// Whether the database answers.
+    pub async fn ping(&self) -> Result<(), PgError> {
+        self.client().await?.simple_query("").await.map_err(PgError::query("pinging the database"))?;
+        Ok(())
+    }
+
+    /// This database's log epoch.
+    pub async fn epoch(&self) -> Result<Epoch, PgError> {
+        let row = self
+            .client()
+            .await?
+            .query_one("select epoch from realtime.meta", &[])
+            .await
+            .map_err(PgError::query("reading realtime.meta (has `changegate migrate` run?)"))?;
+        let epoch: i64 = row.get(0);
+        Ok(Epoch(u32::try_from(epoch).unwrap_or(0)))
+    }
+
+    /// The stored record of a key hash, revoked or not.
+    pub async fn find_key(&self, hash: &KeyHash) -> Result<Option<KeyRecord>, PgError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "select id, tenant, environment, scope, revoked_at is not null from realtime.api_keys where hash = $1",
+                &[&&hash.0[..]],
+            )
+            .await
+            .map_err(PgError::query("looking up an API key"))?;
+        let Some(row) = row else { return Ok(None) };
+        let tenant: String = row.get(1);
+        let environment: Option<String> = row.get(2);
+        let scope: String = row.get(3);
+        let malformed = |what: &str| PgError::Invalid(format!("stored key has an invalid {what}"));
+        Ok(Some(KeyRecord {
+            id: row.get(0),
+            hash: *hash,
+            tenant: TenantId::parse(&tenant).map_err(|_| malformed("tenant"))?,
+            environment: environment
+                .as_deref()
+                .map(EnvironmentId::parse)
+                .transpose()
+                .map_err(|_| malformed("environment"))?,
+            scope: scope.parse().map_err(|_| malformed("scope"))?,
+            revoked: row.get(4),
+        }))
+    }
+
+    /// Creates a tenant.
+    pub async fn create_tenant(&self, tenant: &TenantId) -> Result<(), PgError> {
+        self.client()
+            .await?
+            .execute("insert into realtime.tenants (id) values ($1)", &[&tenant.as_str()])
+            .await
+            .map_err(invalid_or("creating the tenant"))?;
+        Ok(())
+    }
+
+    /// Creates an environment of a tenant.
+    pub async fn create_environment(&self, tenant: &TenantId, name: &EnvironmentId) -> Result<(), PgError> {
+        self.client()
+            .await?
+            .execute(
+                "insert into realtime.environments (tenant, name) values ($1, $2)",
+                &[&tenant.as_str(), &name.as_str()],
+            )
+            .await
+            .map_err(invalid_or("creating the environment"))?;
+        Ok(())
+    }
+
+    /// Creates a key; the only time the key itself exists outside its owner's hands.
+    pub async fn create_key(
+        &self,
+        tenant: &TenantId,
+        environment: Option<&EnvironmentId>,
+        scope: Scope,
+    ) -> Result<(String, ApiKey), PgError> {
+        let key = ApiKey::generate(scope);
+        let hash = key.hash();
+        let id = hash.id();
+        self.client()
+            .await?
+            .execute(
+                "insert into realtime.api_keys (id, tenant, environment, scope, hash, prefix)
+                 values ($1, $2, $3, $4, $5, $6)",
+                &[
+                    &id,
+                    &tenant.as_str(),
+                    &environment.map(EnvironmentId::as_str),
+                    &scope.as_str(),
+                    &&hash.0[..],
+                    &key.display_prefix(),
+                ],
+            )
+            .await
+            .map_err(invalid_or("creating the key"))?;
+        Ok((id, key))
+    }
+
+    /// Every key (of one tenant, if given), without secrets.
+    pub async fn list_keys(&self, tenant: Option<&TenantId>) -> Result<Vec<KeyListing>, PgError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "select id, tenant, environment, scope, prefix, revoked_at is not null
+                 from realtime.api_keys where $1::text is null or tenant = $1 order by created_at, id",
+                &[&tenant.map(TenantId::as_str)],
+            )
+            .await
+            .map_err(PgError::query("listing keys"))?;
+        Ok(rows
+            .iter()
+            .map(|r| KeyListing {
+                id: r.get(0),
+                tenant: r.get(1),
+                environment: r.get(2),
+                scope: r.get(3),
+                prefix: r.get(4),
+                revoked: r.get(5),
+            })
+            .collect())
+    }
+
+    /// Revokes a key and tells every instance, so its open streams close. `false` if no such key.
+    pub async fn revoke_key(&self, id: &str) -> Result<bool, PgError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(PgError::query("revoking a key"))?;
+        let changed = tx
+            .execute(
+                "update realtime.api_keys set revoked_at = coalesce(revoked_at, now()) where id = $1",
+                &[&id],
+            )
+            .await
+            .map_err(PgError::query("revoking a key"))?;
+        tx.execute("select pg_notify($1, $2)", &[&KEYS_CHANNEL, &id])
+            .await
+            .map_err(PgError::query("announcing a revocation"))?;
+        tx.commit().await.map_err(PgError::query("revoking a key"))?;
+        Ok(changed == 1)
+    }
+
+    /// Ids of keys revoked within the last `window` (to catch revocations announced while a
+    /// LISTEN connection was down).
+    pub async fn revoked_within(&self, window: Duration) -> Result<Vec<String>, PgError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "select id from realtime.api_keys where revoked_at > now() - make_interval(secs => $1)",
+                &[&window.as_secs_f64()],
+            )
+            .await
+            .map_err(PgError::query("reading recent revocations"))?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// `select realtime.enable(table, tenant_column)`.
+    pub async fn enable_table(&self, table: &str, tenant_column: &str) -> Result<(), PgError> {
+        self.client()
+            .await?
+            .execute("select realtime.enable($1::text::regclass, $2)", &[&table, &tenant_column])
+            .await
+            .map_err(PgError::query(format!("enabling realtime on {table}")))?;
+        Ok(())
+    }
+
+    /// `select realtime.disable(table)`.
+    pub async fn disable_table(&self, table: &str) -> Result<(), PgError> {
+        self.client()
+            .await?
+            .execute("select realtime.disable($1::text::regclass)", &[&table])
+            .await
+            .map_err(PgError::query(format!("disabling realtime on {table}")))?;
+        Ok(())
+    }
+
+    /// The canonical `schema.table` of a realtime-enabled table the name resolves to (through
+    /// the search path, like any SQL name), or `None`.
+    pub async fn resolve_collection(&self, name: &CollectionName) -> Result<Option<CollectionName>, PgError> {
+        let client = self.client().await?;
+        let result = client
+            .query_opt(
+                "select name from realtime.enabled_tables where relid = to_regclass($1)::oid",
+                &[&name.as_str()],
+            )
+            .await;
+        match result {
+            Ok(row) => Ok(row.and_then(|r| CollectionName::parse(r.get::<_, &str>(0)).ok())),
+            // A name that is not even valid SQL name syntax names no table.
+            Err(e) if e.code() == Some(&SqlState::INVALID_NAME) => Ok(None),
+            Err(e) => Err(PgError::Query { context: format!("resolving collection {name}"), source: e }),
+        }
+    }
+
+    /// Publishes a message through the outbox; returns its sequence number.
+    pub async fn publish(&self, tenant: &TenantId, topic: &Topic, data: &Value) -> Result<u64, PgError> {
+        let row = self
+            .client()
+            .await?
+            .query_one(
+                "select realtime.publish($1, $2, $3::text::jsonb)",
+                &[&tenant.as_str(), &topic.as_str(), &data.to_string()],
+            )
+            .await
+            .map_err(PgError::query(format!("publishing for tenant {tenant}")))?;
+        Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+    }
+
+    /// `(pruned_through of the channel, last sequence number issued)`: whether a position can
+    /// still be replayed.
+    pub async fn replay_bounds(&self, channel: &str) -> Result<(u64, u64), PgError> {
+        let row = self
+            .client()
+            .await?
+            .query_one(
+                "select (select coalesce(max(pruned_through), 0) from realtime.horizon where channel = $1),
+                        (select case when is_called then last_value else 0 end from realtime.outbox_seq)",
+                &[&channel],
+            )
+            .await
+            .map_err(PgError::query("reading replay bounds"))?;
+        let get = |i| u64::try_from(row.get::<_, i64>(i)).unwrap_or(0);
+        Ok((get(0), get(1)))
+    }
+
+    /// Every committed event of `channel` (and `tenant`) after `after`, in order.
+    pub async fn replay(
+        &self,
+        channel: &str,
+        tenant: &TenantId,
+        after: u64,
+        epoch: Epoch,
+    ) -> Result<Vec<Event>, PgError> {
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "select realtime.row_json(o) from realtime.outbox o
+                 where channel = $1 and tenant = $2 and seq > $3 order by seq",
+                &[&channel, &tenant.as_str(), &after],
+            )
+            .await
+            .map_err(PgError::query(format!("replaying for tenant {tenant}")))?;
+        rows.iter().map(|r| event::row(r.get(0), epoch)).collect()
+    }
+
+    /// One event by position (for changes too big for a NOTIFY payload).
+    pub async fn fetch(&self, seq: i64, tenant: &str, epoch: Epoch) -> Result<Option<Event>, PgError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "select realtime.row_json(o) from realtime.outbox o where seq = $1 and tenant = $2",
+                &[&seq, &tenant],
+            )
+            .await
+            .map_err(PgError::query("fetching a large change"))?;
+        row.map(|r| event::row(r.get(0), epoch)).transpose()
+    }
+
+    /// The newest committed position of `channel`: where a client continues after a reset.
+    /// (Any later commit on the channel gets a higher number: see `realtime.sequence()`.)
+    pub async fn head(&self, channel: &str) -> Result<u64, PgError> {
+        let row = self
+            .client()
+            .await?
+            .query_one("select coalesce(max(seq), 0) from realtime.outbox where channel = $1", &[&channel])
+            .await
+            .map_err(PgError::query("reading the head of a channel"))?;
+        Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+    }
+
+    /// Drops outbox rows older than `max_age` or beyond the newest `max_events`, recording per
+    /// channel how far it was pruned. Returns how many rows went.
+    pub async fn prune(&self, max_age: Duration, max_events: u64) -> Result<u64, PgError> {
+        let keep = i64::try_from(max_events).unwrap_or(i64::MAX);
+        let row = self
+            .client()
+            .await?
+            .query_one(
+                "with cutoff as (
+                     select coalesce((select seq from realtime.outbox where seq is not null
+                                      order by seq desc offset $2 limit 1), 0) as seq
+                 ), gone as (
+                     delete from realtime.outbox
+                     where seq is not null
+                       and (committed_at < now() - make_interval(secs => $1) or seq <= (select seq from cutoff))
+                     returning channel, seq
+                 ), marked as (
+                     insert into realtime.horizon (channel, pruned_through)
+                     select channel, max(seq) from gone group by channel
+                     on conflict (channel) do update
+                         set pruned_through = greatest(realtime.horizon.pruned_through, excluded.pruned_through)
+                 )
+                 select count(*) from gone",
+                &[&max_age.as_secs_f64(), &keep],
+            )
+            .await
+            .map_err(PgError::query("pruning the outbox"))?;
+        Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+    }
+}
