@@ -56,9 +56,16 @@ pub struct Gateway {
 impl Gateway {
     /// Starts `changegate serve --listen 127.0.0.1:0 <args>` and waits for its `listening on` line.
     pub async fn start(args: &[&str]) -> Self {
+        Self::start_with_env(args, &[]).await
+    }
+
+    /// Like [`Gateway::start`], with extra environment variables.
+    pub async fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(binary())
             .args(["serve", "--listen", "127.0.0.1:0"])
             .args(args)
+            .env_remove("DATABASE_URL")
+            .envs(env.iter().copied())
             .env("CHANGEGATE_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -301,4 +308,112 @@ pub fn test_key(scope: &str) -> String {
 /// The sequence number inside an event id (`<epoch>-<seq>`), for order assertions.
 pub fn seq(id: &str) -> u64 {
     id.rsplit_once('-').and_then(|(_, s)| s.parse().ok()).unwrap_or_else(|| panic!("not an event id: {id}"))
+}
+
+/// A PostgreSQL database of its own for one test, dropped afterwards. The server comes from
+/// `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`).
+pub struct TestDb {
+    /// The database's name.
+    pub name: String,
+    /// Its connection string, for the gateway.
+    pub url: String,
+    /// A connection to it, for the test's own SQL.
+    pub client: tokio_postgres::Client,
+}
+
+fn server_url() -> String {
+    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// `url` with its database name replaced by `name` (query parameters kept).
+fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = url.split_once('?').map_or((url, None), |(b, q)| (b, Some(q)));
+    let authority_end = base.find("://").map_or(0, |i| i + 3);
+    let root = match base[authority_end..].find('/') {
+        Some(slash) => &base[..authority_end + slash],
+        None => base,
+    };
+    match query {
+        Some(q) => format!("{root}/{name}?{q}"),
+        None => format!("{root}/{name}"),
+    }
+}
+
+async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL must be reachable for this test ({e}); see .ci/run"));
+    tokio::spawn(connection);
+    client
+}
+
+impl TestDb {
+    /// Creates a fresh, empty database.
+    pub async fn new() -> Self {
+        let name = format!("changegate_test_{}_{}", std::process::id(), unique());
+        let admin = connect(&server_url()).await;
+        admin.batch_execute(&format!("create database {name}")).await.expect("create database");
+        let url = with_database(&server_url(), &name);
+        let client = connect(&url).await;
+        Self { name, url, client }
+    }
+
+    /// A second connection (for concurrent transactions).
+    pub async fn connect(&self) -> tokio_postgres::Client {
+        connect(&self.url).await
+    }
+
+    /// Runs an administration command (`changegate <args>`) against this database; returns stdout.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let output = std::process::Command::new(binary())
+            .args(args)
+            .env("DATABASE_URL", &self.url)
+            .output()
+            .expect("the changegate binary runs");
+        assert!(
+            output.status.success(),
+            "changegate {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).expect("UTF-8 output")
+    }
+
+    /// Migrates, creates `tenants`, and one key of `scope` for each; returns the keys in order.
+    pub fn setup(&self, tenants: &[&str], scope: &str) -> Vec<String> {
+        self.cli(&["migrate"]);
+        tenants
+            .iter()
+            .map(|tenant| {
+                self.cli(&["tenants", "create", tenant]);
+                self.key(tenant, scope)
+            })
+            .collect()
+    }
+
+    /// Creates a key and returns it.
+    pub fn key(&self, tenant: &str, scope: &str) -> String {
+        let out = self.cli(&["keys", "create", "--tenant", tenant, "--scope", scope]);
+        out.trim().strip_prefix("key=").expect("`keys create` prints key=<key>").to_owned()
+    }
+
+    /// Starts a gateway on this database.
+    pub async fn gateway(&self, args: &[&str]) -> Gateway {
+        Gateway::start_with_env(args, &[("DATABASE_URL", &self.url)]).await
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop needs its own runtime: the test's may be shutting down.
+        let _ = std::thread::spawn(move || {
+            let runtime =
+                tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+            runtime.block_on(async {
+                let admin = connect(&server_url()).await;
+                let _ = admin.batch_execute(&format!("drop database if exists {name} with (force)")).await;
+            });
+        })
+        .join();
+    }
 }

@@ -152,7 +152,10 @@ impl Listener {
     async fn connect(
         &self,
     ) -> Result<(Client, mpsc::UnboundedReceiver<Notification>), tokio_postgres::Error> {
-        let (client, mut connection) = self.store.config().connect(NoTls).await?;
+        let mut config = self.store.config().clone();
+        // Named so that operators (and the tests) can find the LISTEN backend.
+        config.application_name("changegate-listen");
+        let (client, mut connection) = config.connect(NoTls).await?;
         let (sender, receiver) = mpsc::unbounded_channel();
         let cancel = self.cancel.clone();
         // Drives the connection; ends (dropping `sender`) when the connection does, which is

@@ -1,0 +1,186 @@
+//! PostgreSQL collections end to end: rows written with SQL arrive on the SSE stream.
+
+use std::time::Duration;
+
+use changegate_e2e::{TestDb, seq};
+use serde_json::{Value, json};
+
+async fn todos(db: &TestDb) {
+    db.client
+        .batch_execute(
+            "create table public.todos (id serial primary key, tenant_id text, title text, done boolean default false);
+             select realtime.enable('public.todos', 'tenant_id');",
+        )
+        .await
+        .unwrap();
+}
+
+fn path(collection: &str, key: &str) -> String {
+    format!("/v1/events/subscribe?collection={collection}&apikey={key}")
+}
+
+#[tokio::test]
+async fn insert_update_and_delete_arrive_in_commit_order_and_delete_carries_the_prior_row() {
+    let db = TestDb::new().await;
+    let keys = db.setup(&["acme"], "anon");
+    todos(&db).await;
+    let gw = db.gateway(&[]).await;
+    let mut sse = gw.sse(&path("todos", &keys[0]), &[]).await;
+    db.client
+        .batch_execute(
+            "insert into todos (tenant_id, title) values ('acme', 'write tests');
+             update todos set done = true where id = 1;
+             delete from todos where id = 1;",
+        )
+        .await
+        .unwrap();
+    let mut previous = 0;
+    for (kind, done) in [("insert", false), ("update", true), ("delete", true)] {
+        let event = sse.next_event().await;
+        assert_eq!(event.event(), None, "no event: field, so onmessage fires");
+        let id = event.id().unwrap();
+        assert!(seq(id) > previous);
+        previous = seq(id);
+        assert_eq!(
+            event.json(),
+            json!({"type": kind, "documentId": "1",
+                   "document": {"id": 1, "tenant_id": "acme", "title": "write tests", "done": done}})
+        );
+    }
+}
+
+#[tokio::test]
+async fn schema_qualified_names_work_and_rows_without_a_tenant_are_not_published() {
+    let db = TestDb::new().await;
+    let keys = db.setup(&["acme"], "anon");
+    todos(&db).await;
+    let gw = db.gateway(&[]).await;
+    let mut sse = gw.sse(&path("public.todos", &keys[0]), &[]).await;
+    db.client
+        .batch_execute("insert into todos (tenant_id, title) values (null, 'orphan'), ('acme', 'mine')")
+        .await
+        .unwrap();
+    assert_eq!(sse.next_event().await.json()["document"]["title"], "mine");
+    sse.assert_quiet(Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn a_composite_primary_key_is_sent_as_a_json_array_of_its_columns() {
+    let db = TestDb::new().await;
+    let keys = db.setup(&["acme"], "anon");
+    db.client
+        .batch_execute(
+            "create schema app;
+             create table app.members (org text, user_id int, tenant_id text, primary key (org, user_id));",
+        )
+        .await
+        .unwrap();
+    db.cli(&["realtime", "enable", "app.members"]);
+    let gw = db.gateway(&[]).await;
+    let mut sse = gw.sse(&path("app.members", &keys[0]), &[]).await;
+    db.client.batch_execute("insert into app.members values ('x', 7, 'acme')").await.unwrap();
+    assert_eq!(sse.next_event().await.json()["documentId"], r#"["x", 7]"#);
+}
+
+#[tokio::test]
+async fn a_one_megabyte_row_commits_and_is_delivered_whole() {
+    let db = TestDb::new().await;
+    let keys = db.setup(&["acme"], "anon");
+    todos(&db).await;
+    let gw = db.gateway(&[]).await;
+    let mut sse = gw.sse(&path("todos", &keys[0]), &[]).await;
+    let big = "x".repeat(1024 * 1024);
+    db.client.execute("insert into todos (tenant_id, title) values ('acme', $1)", &[&big]).await.unwrap();
+    let event = sse.next_event().await;
+    assert_eq!(event.json()["document"]["title"].as_str().map(str::len), Some(big.len()));
+}
+
+#[tokio::test]
+async fn the_trigger_notifies_the_documented_channel_name() {
+    let db = TestDb::new().await;
+    db.setup(&["acme"], "anon");
+    todos(&db).await;
+    // A plain PostgreSQL client LISTENing on flc_rt_<md5('public.todos:acme')> sees the change.
+    let (listener, mut connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await.unwrap();
+    let (sender, mut received) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = futures_util::StreamExt::next(&mut messages).await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = message {
+                let _ = sender.send((n.channel().to_owned(), n.payload().to_owned()));
+            }
+        }
+    });
+    let channel: String =
+        db.client.query_one("select 'flc_rt_' || md5('public.todos:acme')", &[]).await.unwrap().get(0);
+    listener.batch_execute(&format!("LISTEN {channel}")).await.unwrap();
+    db.client.batch_execute("insert into todos (tenant_id, title) values ('acme', 'hi')").await.unwrap();
+    let (name, payload) =
+        tokio::time::timeout(Duration::from_secs(5), received.recv()).await.unwrap().unwrap();
+    assert_eq!(name, channel);
+    let payload: Value = serde_json::from_str(&payload).unwrap();
+    assert_eq!((payload["tenant"].as_str(), payload["op"].as_str()), (Some("acme"), Some("insert")));
+}
+
+#[tokio::test]
+async fn truncate_sends_a_reset_to_the_tables_subscribers() {
+    let db = TestDb::new().await;
+    let keys = db.setup(&["acme"], "anon");
+    todos(&db).await;
+    db.client.batch_execute("insert into todos (tenant_id, title) values ('acme', 'a')").await.unwrap();
+    let gw = db.gateway(&[]).await;
+    let mut sse = gw.sse(&path("todos", &keys[0]), &[]).await;
+    db.client.batch_execute("truncate todos").await.unwrap();
+    let reset = sse.next_event().await;
+    assert_eq!(reset.event(), Some("reset"));
+    assert_eq!(reset.json(), json!({"reason": "truncated"}));
+    assert!(reset.id().is_some());
+}
+
+#[tokio::test]
+async fn tables_that_are_not_enabled_and_hostile_names_get_404_and_nothing_runs() {
+    let db = TestDb::new().await;
+    let keys = db.setup(&["acme"], "anon");
+    todos(&db).await;
+    db.client.batch_execute("create table secrets (id int primary key, tenant_id text)").await.unwrap();
+    let gw = db.gateway(&[]).await;
+    for name in [
+        "secrets",
+        "nope",
+        "todos;drop%20table%20todos",
+        "todos%22;drop%20table%20todos;--",
+        "%27todos%27",
+        "t%C3%A2ches",
+        "pg_catalog.pg_authid",
+        "realtime.api_keys",
+        "flc_rt_9211f24eaed6c31d96b822af39171124",
+    ] {
+        let (status, body) = gw.try_sse(&path(name, &keys[0]), &[]).await.err().expect("refused");
+        assert_eq!((status, body["error"]["code"].as_str()), (404, Some("collection_not_enabled")), "{name}");
+    }
+    let count: i64 = db.client.query_one("select count(*) from todos", &[]).await.unwrap().get(0);
+    assert_eq!(count, 0, "the table still exists and is untouched");
+}
+
+#[tokio::test]
+async fn the_cli_prints_a_key_once_and_lists_keys_without_secrets() {
+    let db = TestDb::new().await;
+    db.cli(&["migrate"]);
+    db.cli(&["tenants", "create", "acme"]);
+    db.cli(&["environments", "create", "--tenant", "acme", "production"]);
+    let created =
+        db.cli(&["keys", "create", "--tenant", "acme", "--environment", "production", "--scope", "sdk"]);
+    let lines: Vec<&str> = created.lines().collect();
+    assert_eq!(lines.len(), 1);
+    let key = lines[0].strip_prefix("key=flc_sdk_").expect("key=flc_sdk_…");
+    let listing = db.cli(&["keys", "list", "--tenant", "acme"]);
+    assert!(listing.contains("scope=sdk") && listing.contains("environment=production"), "{listing}");
+    assert!(!listing.contains(&key[6..]), "the listing shows only a prefix");
+    let stored: i64 = db
+        .client
+        .query_one("select count(*) from realtime.api_keys where position($1 in prefix) > 0", &[&key])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, 0, "the key itself is not stored");
+}
