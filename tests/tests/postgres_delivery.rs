@@ -1,0 +1,269 @@
+//! PostgreSQL delivery guarantees: commit order, no loss across reconnects, restarts and
+//! instances, retention resets, and tenant isolation under attack.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use changegate_e2e::{Sse, TestDb, seq};
+use serde_json::json;
+
+async fn todos(db: &TestDb) {
+    db.client
+        .batch_execute(
+            "create table public.todos (id serial primary key, tenant_id text, title text);
+             select realtime.enable('public.todos', 'tenant_id');",
+        )
+        .await
+        .unwrap();
+}
+
+fn path(key: &str) -> String {
+    format!("/v1/events/subscribe?collection=todos&apikey={key}")
+}
+
+async fn titles(sse: &mut Sse, n: usize) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let event = sse.next_event().await;
+        let title = event.json()["document"]["title"].as_str().unwrap_or_default().to_owned();
+        out.push((event.id().unwrap().to_owned(), title));
+    }
+    out
+}
+
+/// T1 inserts before T2, but T2 commits first. The client sees T2's commit, disconnects, and
+/// T1 commits while it is away: on resume it must receive T1 — which a replay of
+/// `id > last seen` over insertion-ordered ids would skip.
+#[tokio::test]
+async fn transactions_committing_out_of_insert_order_are_delivered_in_commit_order_across_a_resume() {
+    let db = TestDb::new().await;
+    let keys = db.setup(&["acme"], "anon");
+    todos(&db).await;
+    let gw = db.gateway(&[]).await;
+    let mut sse = gw.sse(&path(&keys[0]), &[]).await;
+
+    let t1 = db.connect().await;
+    let t2 = db.connect().await;
+    t1.batch_execute("begin; insert into todos (tenant_id, title) values ('acme', 'T1')").await.unwrap();
+    t2.batch_execute("begin; insert into todos (tenant_id, title) values ('acme', 'T2')").await.unwrap();
+    t2.batch_execute("commit").await.unwrap();
+    let seen = titles(&mut sse, 1).await;
+    assert_eq!(seen[0].1, "T2");
+    drop(sse);
+    t1.batch_execute("commit").await.unwrap();
+
+    let mut resumed = gw.sse(&path(&keys[0]), &[("last-event-id", &seen[0].0)]).await;
+    let after = titles(&mut resumed, 1).await;
+    assert_eq!(after[0].1, "T1");
+    assert!(seq(&after[0].0) > seq(&seen[0].0), "commit order is id order");
+    resumed.assert_quiet(Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn another_tenant_never_sees_inserts_updates_deletes_or_large_rows() {
+    let db = TestDb::new().await;
+    let keys = db.setup(&["acme", "beta"], "anon");
+    todos(&db).await;
+    let gw = db.gateway(&[]).await;
+    let mut beta = gw.sse(&path(&keys[1]), &[]).await;
+    let mut beta_by_schema =
+        gw.sse("/v1/events/subscribe?collection=public.todos", &[("apikey", &keys[1])]).await;
+    let mut acme = gw.sse(&path(&keys[0]), &[]).await;
+    let big = "s".repeat(200_000);
+    db.client
+        .execute("insert into todos (tenant_id, title) values ('acme', 'secret'), ('acme', $1)", &[&big])
+        .await
+        .unwrap();
+    db.client.batch_execute("update todos set title = 'secret2' where tenant_id = 'acme'").await.unwrap();
+    db.client.batch_execute("delete from todos where tenant_id = 'acme'").await.unwrap();
+    db.client.batch_execute("insert into todos (tenant_id, title) values ('beta', 'mine')").await.unwrap();
+    let acme_seen = titles(&mut acme, 6).await;
+    for sse in [&mut beta, &mut beta_by_schema] {
+        let only = titles(sse, 1).await;
+        assert_eq!(only[0].1, "mine");
+        sse.assert_quiet(Duration::from_millis(300)).await;
+    }
+    // Resuming from acme's positions replays nothing of acme's.
+    let mut resumed = gw.sse(&path(&keys[1]), &[("last-event-id", &acme_seen[0].0)]).await;
+    assert_eq!(titles(&mut resumed, 1).await[0].1, "mine");
+    resumed.assert_quiet(Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn a_revoked_key_is_refused_and_its_open_streams_close_on_every_instance() {
+    let db = TestDb::new().await;
+    let keys = db.setup(&["acme"], "anon");
+    todos(&db).await;
+    let one = db.gateway(&[]).await;
+    let two = db.gateway(&[]).await;
+    let mut on_one = one.sse(&path(&keys[0]), &[]).await;
+    let mut on_two = two.sse(&path(&keys[0]), &[]).await;
+    let id =
+        db.cli(&["keys", "list"]).split_whitespace().find_map(|f| f.strip_prefix("id=")).unwrap().to_owned();
+    db.cli(&["keys", "revoke", &id]);
+    for sse in [&mut on_one, &mut on_two] {
+        let ended = async { while sse.next_block().await.is_some() {} };
+        tokio::time::timeout(Duration::from_secs(3), ended).await.expect("the stream closed promptly");
+    }
+    let (status, body) = one.try_sse(&path(&keys[0]), &[]).await.err().expect("refused");
+    assert_eq!((status, body["error"]["code"].as_str()), (401, Some("revoked_api_key")));
+}
+
+#[tokio::test]
+async fn publish_on_one_instance_reaches_subscribers_of_another_and_resumes_there() {
+    let db = TestDb::new().await;
+    let anon = db.setup(&["acme"], "anon");
+    let publisher = db.key("acme", "publish");
+    let a = db.gateway(&[]).await;
+    let b = db.gateway(&[]).await;
+    let mut on_b = b.sse(&format!("/v1/events/subscribe?topic=order.*&apikey={}", anon[0]), &[]).await;
+    let first = a.publish(&publisher, "order.created", json!({"n": 1})).await;
+    let event = on_b.next_event().await;
+    assert_eq!((event.id(), &event.json()["data"]), (Some(first.as_str()), &json!({"n": 1})));
+    drop(on_b);
+    let second = a.publish(&publisher, "order.shipped", json!({"n": 2})).await;
+    a.publish(&publisher, "user.created", json!({"n": 3})).await;
+    // Resume on B with the id first seen through A.
+    let mut resumed = b
+        .sse(&format!("/v1/events/subscribe?topic=order.*&apikey={}", anon[0]), &[("last-event-id", &first)])
+        .await;
+    assert_eq!(resumed.next_event().await.id(), Some(second.as_str()));
+    resumed.assert_quiet(Duration::from_millis(300)).await;
+}
+
+/// Writes rows one by one until told to stop; returns how many.
+fn writer(db: &TestDb, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<usize> {
+    let url = db.url.clone();
+    tokio::spawn(async move {
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(connection);
+        let mut n = 0;
+        while !stop.load(Ordering::SeqCst) {
+            n += 1;
+            client
+                .execute("insert into todos (tenant_id, title) values ('acme', $1)", &[&n.to_string()])
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        n
+    })
+}
+
+async fn wait_for_listener(db: &TestDb) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let up: i64 = db
+            .client
+            .query_one(
+                "select count(*) from pg_stat_activity
+                 where application_name = 'changegate-listen' and datname = current_database()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if up == 1 {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the LISTEN connection never came back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn killing_the_listen_backend_while_rows_are_written_loses_and_repeats_nothing() {
+    let db = TestDb::new().await;
+    let keys = db.setup(&["acme"], "anon");
+    todos(&db).await;
+    let gw = db.gateway(&[]).await;
+    let mut sse = gw.sse(&path(&keys[0]), &[]).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writing = writer(&db, stop.clone());
+    for _ in 0..3 {
+        wait_for_listener(&db).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let killed: i64 = db
+            .client
+            .query_one(
+                "select count(*) from (select pg_terminate_backend(pid) from pg_stat_activity
+                 where application_name = 'changegate-listen' and datname = current_database()) k",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(killed, 1, "the gateway's LISTEN backend was found and killed");
+        // Keep writing while it is down.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_for_listener(&db).await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    stop.store(true, Ordering::SeqCst);
+    let written = writing.await.unwrap();
+    let received = titles(&mut sse, written).await;
+    let expected: Vec<String> = (1..=written).map(|n| n.to_string()).collect();
+    assert_eq!(received.iter().map(|(_, t)| t.clone()).collect::<Vec<_>>(), expected);
+    sse.assert_quiet(Duration::from_millis(300)).await;
+    // And the gateway reports itself ready again.
+    let ready = gw.http.get(gw.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+}
+
+#[tokio::test]
+async fn restarting_the_gateway_mid_stream_loses_nothing_for_a_resuming_client() {
+    let db = TestDb::new().await;
+    let keys = db.setup(&["acme"], "anon");
+    todos(&db).await;
+    let first = db.gateway(&[]).await;
+    let mut sse = first.sse(&path(&keys[0]), &[]).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writing = writer(&db, stop.clone());
+    let mut received = titles(&mut sse, 20).await;
+    let status = first.terminate().await;
+    assert!(status.success());
+    let second = db.gateway(&[]).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::SeqCst);
+    let written = writing.await.unwrap();
+    let last = received.last().unwrap().0.clone();
+    let mut resumed = second.sse(&path(&keys[0]), &[("last-event-id", &last)]).await;
+    received.extend(titles(&mut resumed, written - received.len()).await);
+    let expected: Vec<String> = (1..=written).map(|n| n.to_string()).collect();
+    assert_eq!(received.into_iter().map(|(_, t)| t).collect::<Vec<_>>(), expected);
+}
+
+#[tokio::test]
+async fn a_position_pruned_by_retention_yields_reset_and_a_kept_one_replays() {
+    let db = TestDb::new().await;
+    let keys = db.setup(&["acme"], "anon");
+    todos(&db).await;
+    let gw = db.gateway(&["--outbox-max-rows", "3", "--prune-every", "100ms"]).await;
+    let mut sse = gw.sse(&path(&keys[0]), &[]).await;
+    for n in 0..6 {
+        db.client
+            .execute("insert into todos (tenant_id, title) values ('acme', $1)", &[&n.to_string()])
+            .await
+            .unwrap();
+    }
+    let seen = titles(&mut sse, 6).await;
+    // Wait until retention has run.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let rows: i64 =
+            db.client.query_one("select count(*) from realtime.outbox", &[]).await.unwrap().get(0);
+        if rows <= 3 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "retention never ran");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut expired = gw.sse(&path(&keys[0]), &[("last-event-id", &seen[0].0)]).await;
+    let reset = expired.next_event().await;
+    assert_eq!((reset.event(), reset.json()), (Some("reset"), json!({"reason": "position-expired"})));
+    assert_eq!(reset.id(), Some(seen[5].0.as_str()), "continue from the newest committed change");
+    let mut kept = gw.sse(&path(&keys[0]), &[("last-event-id", &seen[3].0)]).await;
+    let replayed = titles(&mut kept, 2).await;
+    assert_eq!(replayed, seen[4..].to_vec());
+}
