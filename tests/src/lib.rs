@@ -358,6 +358,11 @@ impl TestDb {
         Self { name, url, client }
     }
 
+    /// A connection to the server's maintenance database (for `alter database` on this one).
+    pub async fn admin(&self) -> tokio_postgres::Client {
+        connect(&server_url()).await
+    }
+
     /// A second connection (for concurrent transactions).
     pub async fn connect(&self) -> tokio_postgres::Client {
         connect(&self.url).await

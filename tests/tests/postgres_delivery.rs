@@ -267,3 +267,44 @@ async fn a_position_pruned_by_retention_yields_reset_and_a_kept_one_replays() {
     let replayed = titles(&mut kept, 2).await;
     assert_eq!(replayed, seen[4..].to_vec());
 }
+
+#[tokio::test]
+async fn readiness_is_red_while_the_listen_connection_is_down_and_green_after() {
+    let db = TestDb::new().await;
+    db.setup(&["acme"], "anon");
+    let gw = db.gateway(&[]).await;
+    wait_for_listener(&db).await;
+    let ready = |gw: &changegate_e2e::Gateway| {
+        let request = gw.http.get(gw.url("/readyz"));
+        async move { request.send().await.unwrap() }
+    };
+    assert_eq!(ready(&gw).await.status(), 200);
+    // Refuse new connections to the database, then cut the LISTEN connection.
+    let admin = db.admin().await;
+    admin.batch_execute(&format!("alter database {} allow_connections false", db.name)).await.unwrap();
+    db.client
+        .batch_execute(
+            "select pg_terminate_backend(pid) from pg_stat_activity
+             where application_name = 'changegate-listen' and datname = current_database()",
+        )
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let red = loop {
+        let response = ready(&gw).await;
+        if response.status() == 503 {
+            break response.json::<serde_json::Value>().await.unwrap();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "readiness never turned red");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(red["error"]["code"], "unavailable");
+    assert!(red["error"]["message"].as_str().unwrap().contains("LISTEN"), "{red}");
+    admin.batch_execute(&format!("alter database {} allow_connections true", db.name)).await.unwrap();
+    wait_for_listener(&db).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while ready(&gw).await.status() != 200 {
+        assert!(tokio::time::Instant::now() < deadline, "readiness never turned green again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
