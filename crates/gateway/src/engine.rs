@@ -69,22 +69,19 @@ impl Engine {
         name: &CollectionName,
         source: Option<&str>,
     ) -> Result<FeedKey, ApiError> {
+        match source {
+            None | Some("postgres" | "mongo") => {}
+            Some(_) => {
+                return Err(ApiError::bad_request("invalid_source", "`source` must be `postgres` or `mongo`"));
+            }
+        }
+        if source == Some("mongo") {
+            return Err(ApiError::SourceNotConfigured("MongoDB collections need MONGODB_URL".into()));
+        }
         let engine = match self {
             Self::Memory { .. } => return Err(ApiError::CollectionsNeedDatabase(name.to_string())),
             Self::Postgres(engine) => engine,
         };
-        match source {
-            None | Some("postgres") => {}
-            Some("mongo") => {
-                return Err(ApiError::SourceNotConfigured("MongoDB collections need MONGODB_URL".into()));
-            }
-            Some(_) => {
-                return Err(ApiError::bad_request(
-                    "invalid_source",
-                    "`source` must be `postgres` or `mongo`",
-                ));
-            }
-        }
         let canonical = engine
             .store()
             .resolve_collection(name)
