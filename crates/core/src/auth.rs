@@ -305,3 +305,28 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn parsing_any_text_never_panics_and_never_accepts_a_wrong_shape(s in "\\PC{0,200}") {
+            if let Ok(key) = ApiKey::parse(&s) {
+                let expected_prefix = format!("flc_{}_", key.scope());
+                prop_assert!(s.starts_with(&expected_prefix));
+                prop_assert!(s.is_ascii());
+            }
+        }
+
+        #[test]
+        fn well_formed_keys_parse_with_their_scope(scope in 0usize..5, random in "[A-Za-z0-9]{20,128}") {
+            let scope = Scope::ALL[scope];
+            let key = ApiKey::parse(&format!("flc_{scope}_{random}")).unwrap();
+            prop_assert_eq!(key.scope(), scope);
+        }
+    }
+}

@@ -250,3 +250,31 @@ mod tests {
         assert!(CollectionName::parse("").is_err());
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn parsing_any_text_never_panics_and_accepts_only_the_alphabet(s in "\\PC{0,300}") {
+            let topic_ok = !s.is_empty() && s.len() <= 255 && s.chars().all(topic_char);
+            prop_assert_eq!(Topic::parse(&s).is_ok(), topic_ok);
+            let tenant_ok = !s.is_empty() && s.len() <= 128 && s.chars().all(ident_char);
+            prop_assert_eq!(TenantId::parse(&s).is_ok(), tenant_ok);
+            let _ = TopicPattern::parse(&s);
+            let _ = CollectionName::parse(&s);
+        }
+
+        #[test]
+        fn a_prefix_pattern_matches_exactly_the_topics_that_start_with_it(
+            prefix in "[a-z.]{1,10}", topic in "[a-z.]{1,20}"
+        ) {
+            let pattern = TopicPattern::parse(&format!("{prefix}*")).unwrap();
+            let topic = Topic::parse(&topic).unwrap();
+            prop_assert_eq!(pattern.matches(&topic), topic.as_str().starts_with(&prefix));
+        }
+    }
+}

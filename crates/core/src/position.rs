@@ -116,3 +116,23 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn every_position_round_trips(epoch: u32, seq: u64) {
+            let p = Position::new(Epoch(epoch), seq);
+            prop_assert_eq!(p.to_string().parse::<Position>(), Ok(p));
+        }
+
+        #[test]
+        fn parsing_any_text_never_panics(s in "\\PC{0,40}") {
+            let _ = s.parse::<Position>();
+        }
+    }
+}

@@ -72,7 +72,10 @@ impl Engine {
         match source {
             None | Some("postgres" | "mongo") => {}
             Some(_) => {
-                return Err(ApiError::bad_request("invalid_source", "`source` must be `postgres` or `mongo`"));
+                return Err(ApiError::bad_request(
+                    "invalid_source",
+                    "`source` must be `postgres` or `mongo`",
+                ));
             }
         }
         if source == Some("mongo") {

@@ -284,3 +284,43 @@ mod tests {
         assert_eq!(&bytes[..], b"event: reset\nid: 00000001-9\ndata: {\"reason\":\"position-expired\"}\n\n");
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use changegate_core::{Epoch, TenantId, Timestamp};
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn any_published_string_stays_inside_one_data_line_and_round_trips(s in "\\PC*|[\r\n\u{2028}:]*") {
+            let event = Event {
+                tenant: TenantId::parse("t").unwrap(),
+                position: Position::new(Epoch(1), 2),
+                at: Timestamp::from_millis(0),
+                body: EventBody::Message { topic: Topic::parse("t").unwrap(), data: json!({ "s": s, "k": [s] }) },
+            };
+            let bytes = encode_realtime(&event);
+            let text = std::str::from_utf8(&bytes).unwrap();
+            let lines: Vec<&str> = text.split(['\n', '\r']).collect();
+            prop_assert_eq!(lines.len(), 4);
+            prop_assert_eq!(lines[0], "id: 00000001-2");
+            let data: Value = serde_json::from_str(lines[1].strip_prefix("data: ").unwrap()).unwrap();
+            prop_assert_eq!(&data["data"]["s"], &json!(s));
+        }
+
+        #[test]
+        fn raw_data_is_split_so_no_line_ending_survives_inside_a_field(s in "\\PC*|[\r\n]*") {
+            let bytes = message(Some("1"), None, &s);
+            let text = std::str::from_utf8(&bytes).unwrap();
+            prop_assert!(text.ends_with("\n\n"));
+            let body = &text[..text.len() - 2];
+            for line in body.split('\n') {
+                prop_assert!(!line.contains('\r'));
+                prop_assert!(line.starts_with("id: ") || line.starts_with("data: "));
+            }
+        }
+    }
+}
