@@ -305,6 +305,11 @@ pub fn test_key(scope: &str) -> String {
     format!("flc_{scope}_{:024x}{:016x}", nanos & ((1 << 96) - 1), unique())
 }
 
+/// `/v1/events/subscribe?collection=<collection>&apikey=<key>`.
+pub fn collection_path(collection: &str, key: &str) -> String {
+    format!("/v1/events/subscribe?collection={collection}&apikey={key}")
+}
+
 /// The sequence number inside an event id (`<epoch>-<seq>`), for order assertions.
 pub fn seq(id: &str) -> u64 {
     id.rsplit_once('-').and_then(|(_, s)| s.parse().ok()).unwrap_or_else(|| panic!("not an event id: {id}"))
@@ -399,6 +404,28 @@ impl TestDb {
     pub fn key(&self, tenant: &str, scope: &str) -> String {
         let out = self.cli(&["keys", "create", "--tenant", tenant, "--scope", scope]);
         out.trim().strip_prefix("key=").expect("`keys create` prints key=<key>").to_owned()
+    }
+
+    /// Creates `public.todos (id serial primary key, tenant_id text, title text, done boolean)` and
+    /// enables realtime on it.
+    pub async fn todos(&self) {
+        self.client
+            .batch_execute(
+                "create table public.todos (id serial primary key, tenant_id text, title text, done boolean default false);
+                 select realtime.enable('public.todos', 'tenant_id');",
+            )
+            .await
+            .expect("create and enable todos");
+    }
+
+    /// Terminates the gateway's LISTEN backends (`terminate`) or just counts them.
+    pub async fn listen_backends(&self, terminate: bool) -> i64 {
+        let select = if terminate { "pg_terminate_backend(pid)" } else { "pid" };
+        let sql = format!(
+            "select count(*) from (select {select} from pg_stat_activity
+             where application_name = 'changegate-listen' and datname = current_database()) k"
+        );
+        self.client.query_one(&sql, &[]).await.expect("pg_stat_activity is readable").get(0)
     }
 
     /// Starts a gateway on this database.

@@ -2,30 +2,16 @@
 
 use std::time::Duration;
 
-use changegate_e2e::{TestDb, seq};
+use changegate_e2e::{TestDb, collection_path, seq};
 use serde_json::{Value, json};
-
-async fn todos(db: &TestDb) {
-    db.client
-        .batch_execute(
-            "create table public.todos (id serial primary key, tenant_id text, title text, done boolean default false);
-             select realtime.enable('public.todos', 'tenant_id');",
-        )
-        .await
-        .unwrap();
-}
-
-fn path(collection: &str, key: &str) -> String {
-    format!("/v1/events/subscribe?collection={collection}&apikey={key}")
-}
 
 #[tokio::test]
 async fn insert_update_and_delete_arrive_in_commit_order_and_delete_carries_the_prior_row() {
     let db = TestDb::new().await;
     let keys = db.setup(&["acme"], "anon");
-    todos(&db).await;
+    db.todos().await;
     let gw = db.gateway(&[]).await;
-    let mut sse = gw.sse(&path("todos", &keys[0]), &[]).await;
+    let mut sse = gw.sse(&collection_path("todos", &keys[0]), &[]).await;
     db.client
         .batch_execute(
             "insert into todos (tenant_id, title) values ('acme', 'write tests');
@@ -53,9 +39,9 @@ async fn insert_update_and_delete_arrive_in_commit_order_and_delete_carries_the_
 async fn schema_qualified_names_work_and_rows_without_a_tenant_are_not_published() {
     let db = TestDb::new().await;
     let keys = db.setup(&["acme"], "anon");
-    todos(&db).await;
+    db.todos().await;
     let gw = db.gateway(&[]).await;
-    let mut sse = gw.sse(&path("public.todos", &keys[0]), &[]).await;
+    let mut sse = gw.sse(&collection_path("public.todos", &keys[0]), &[]).await;
     db.client
         .batch_execute("insert into todos (tenant_id, title) values (null, 'orphan'), ('acme', 'mine')")
         .await
@@ -77,7 +63,7 @@ async fn a_composite_primary_key_is_sent_as_a_json_array_of_its_columns() {
         .unwrap();
     db.cli(&["realtime", "enable", "app.members"]);
     let gw = db.gateway(&[]).await;
-    let mut sse = gw.sse(&path("app.members", &keys[0]), &[]).await;
+    let mut sse = gw.sse(&collection_path("app.members", &keys[0]), &[]).await;
     db.client.batch_execute("insert into app.members values ('x', 7, 'acme')").await.unwrap();
     assert_eq!(sse.next_event().await.json()["documentId"], r#"["x", 7]"#);
 }
@@ -86,9 +72,9 @@ async fn a_composite_primary_key_is_sent_as_a_json_array_of_its_columns() {
 async fn a_one_megabyte_row_commits_and_is_delivered_whole() {
     let db = TestDb::new().await;
     let keys = db.setup(&["acme"], "anon");
-    todos(&db).await;
+    db.todos().await;
     let gw = db.gateway(&[]).await;
-    let mut sse = gw.sse(&path("todos", &keys[0]), &[]).await;
+    let mut sse = gw.sse(&collection_path("todos", &keys[0]), &[]).await;
     let big = "x".repeat(1024 * 1024);
     db.client.execute("insert into todos (tenant_id, title) values ('acme', $1)", &[&big]).await.unwrap();
     let event = sse.next_event().await;
@@ -99,7 +85,7 @@ async fn a_one_megabyte_row_commits_and_is_delivered_whole() {
 async fn the_trigger_notifies_the_documented_channel_name() {
     let db = TestDb::new().await;
     db.setup(&["acme"], "anon");
-    todos(&db).await;
+    db.todos().await;
     // A plain PostgreSQL client LISTENing on flc_rt_<md5('public.todos:acme')> sees the change.
     let (listener, mut connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await.unwrap();
     let (sender, mut received) = tokio::sync::mpsc::unbounded_channel();
@@ -126,10 +112,10 @@ async fn the_trigger_notifies_the_documented_channel_name() {
 async fn truncate_sends_a_reset_to_the_tables_subscribers() {
     let db = TestDb::new().await;
     let keys = db.setup(&["acme"], "anon");
-    todos(&db).await;
+    db.todos().await;
     db.client.batch_execute("insert into todos (tenant_id, title) values ('acme', 'a')").await.unwrap();
     let gw = db.gateway(&[]).await;
-    let mut sse = gw.sse(&path("todos", &keys[0]), &[]).await;
+    let mut sse = gw.sse(&collection_path("todos", &keys[0]), &[]).await;
     db.client.batch_execute("truncate todos").await.unwrap();
     let reset = sse.next_event().await;
     assert_eq!(reset.event(), Some("reset"));
@@ -141,7 +127,7 @@ async fn truncate_sends_a_reset_to_the_tables_subscribers() {
 async fn tables_that_are_not_enabled_and_hostile_names_get_404_and_nothing_runs() {
     let db = TestDb::new().await;
     let keys = db.setup(&["acme"], "anon");
-    todos(&db).await;
+    db.todos().await;
     db.client.batch_execute("create table secrets (id int primary key, tenant_id text)").await.unwrap();
     let gw = db.gateway(&[]).await;
     for name in [
@@ -155,7 +141,7 @@ async fn tables_that_are_not_enabled_and_hostile_names_get_404_and_nothing_runs(
         "realtime.api_keys",
         "flc_rt_9211f24eaed6c31d96b822af39171124",
     ] {
-        let (status, body) = gw.try_sse(&path(name, &keys[0]), &[]).await.err().expect("refused");
+        let (status, body) = gw.try_sse(&collection_path(name, &keys[0]), &[]).await.err().expect("refused");
         assert_eq!((status, body["error"]["code"].as_str()), (404, Some("collection_not_enabled")), "{name}");
     }
     let count: i64 = db.client.query_one("select count(*) from todos", &[]).await.unwrap().get(0);

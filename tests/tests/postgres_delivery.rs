@@ -5,22 +5,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use changegate_e2e::{Sse, TestDb, seq};
+use changegate_e2e::{Sse, TestDb, collection_path, seq};
 use serde_json::json;
-
-async fn todos(db: &TestDb) {
-    db.client
-        .batch_execute(
-            "create table public.todos (id serial primary key, tenant_id text, title text);
-             select realtime.enable('public.todos', 'tenant_id');",
-        )
-        .await
-        .unwrap();
-}
-
-fn path(key: &str) -> String {
-    format!("/v1/events/subscribe?collection=todos&apikey={key}")
-}
 
 async fn titles(sse: &mut Sse, n: usize) -> Vec<(String, String)> {
     let mut out = Vec::new();
@@ -39,9 +25,9 @@ async fn titles(sse: &mut Sse, n: usize) -> Vec<(String, String)> {
 async fn transactions_committing_out_of_insert_order_are_delivered_in_commit_order_across_a_resume() {
     let db = TestDb::new().await;
     let keys = db.setup(&["acme"], "anon");
-    todos(&db).await;
+    db.todos().await;
     let gw = db.gateway(&[]).await;
-    let mut sse = gw.sse(&path(&keys[0]), &[]).await;
+    let mut sse = gw.sse(&collection_path("todos", &keys[0]), &[]).await;
 
     let t1 = db.connect().await;
     let t2 = db.connect().await;
@@ -53,7 +39,7 @@ async fn transactions_committing_out_of_insert_order_are_delivered_in_commit_ord
     drop(sse);
     t1.batch_execute("commit").await.unwrap();
 
-    let mut resumed = gw.sse(&path(&keys[0]), &[("last-event-id", &seen[0].0)]).await;
+    let mut resumed = gw.sse(&collection_path("todos", &keys[0]), &[("last-event-id", &seen[0].0)]).await;
     let after = titles(&mut resumed, 1).await;
     assert_eq!(after[0].1, "T1");
     assert!(seq(&after[0].0) > seq(&seen[0].0), "commit order is id order");
@@ -64,12 +50,12 @@ async fn transactions_committing_out_of_insert_order_are_delivered_in_commit_ord
 async fn another_tenant_never_sees_inserts_updates_deletes_or_large_rows() {
     let db = TestDb::new().await;
     let keys = db.setup(&["acme", "beta"], "anon");
-    todos(&db).await;
+    db.todos().await;
     let gw = db.gateway(&[]).await;
-    let mut beta = gw.sse(&path(&keys[1]), &[]).await;
+    let mut beta = gw.sse(&collection_path("todos", &keys[1]), &[]).await;
     let mut beta_by_schema =
         gw.sse("/v1/events/subscribe?collection=public.todos", &[("apikey", &keys[1])]).await;
-    let mut acme = gw.sse(&path(&keys[0]), &[]).await;
+    let mut acme = gw.sse(&collection_path("todos", &keys[0]), &[]).await;
     let big = "s".repeat(200_000);
     db.client
         .execute("insert into todos (tenant_id, title) values ('acme', 'secret'), ('acme', $1)", &[&big])
@@ -85,7 +71,8 @@ async fn another_tenant_never_sees_inserts_updates_deletes_or_large_rows() {
         sse.assert_quiet(Duration::from_millis(300)).await;
     }
     // Resuming from acme's positions replays nothing of acme's.
-    let mut resumed = gw.sse(&path(&keys[1]), &[("last-event-id", &acme_seen[0].0)]).await;
+    let mut resumed =
+        gw.sse(&collection_path("todos", &keys[1]), &[("last-event-id", &acme_seen[0].0)]).await;
     assert_eq!(titles(&mut resumed, 1).await[0].1, "mine");
     resumed.assert_quiet(Duration::from_millis(300)).await;
 }
@@ -94,11 +81,11 @@ async fn another_tenant_never_sees_inserts_updates_deletes_or_large_rows() {
 async fn a_revoked_key_is_refused_and_its_open_streams_close_on_every_instance() {
     let db = TestDb::new().await;
     let keys = db.setup(&["acme"], "anon");
-    todos(&db).await;
+    db.todos().await;
     let one = db.gateway(&[]).await;
     let two = db.gateway(&[]).await;
-    let mut on_one = one.sse(&path(&keys[0]), &[]).await;
-    let mut on_two = two.sse(&path(&keys[0]), &[]).await;
+    let mut on_one = one.sse(&collection_path("todos", &keys[0]), &[]).await;
+    let mut on_two = two.sse(&collection_path("todos", &keys[0]), &[]).await;
     let id =
         db.cli(&["keys", "list"]).split_whitespace().find_map(|f| f.strip_prefix("id=")).unwrap().to_owned();
     db.cli(&["keys", "revoke", &id]);
@@ -106,7 +93,7 @@ async fn a_revoked_key_is_refused_and_its_open_streams_close_on_every_instance()
         let ended = async { while sse.next_block().await.is_some() {} };
         tokio::time::timeout(Duration::from_secs(3), ended).await.expect("the stream closed promptly");
     }
-    let (status, body) = one.try_sse(&path(&keys[0]), &[]).await.err().expect("refused");
+    let (status, body) = one.try_sse(&collection_path("todos", &keys[0]), &[]).await.err().expect("refused");
     assert_eq!((status, body["error"]["code"].as_str()), (401, Some("revoked_api_key")));
 }
 
@@ -154,17 +141,7 @@ fn writer(db: &TestDb, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<usize> 
 async fn wait_for_listener(db: &TestDb) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let up: i64 = db
-            .client
-            .query_one(
-                "select count(*) from pg_stat_activity
-                 where application_name = 'changegate-listen' and datname = current_database()",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if up == 1 {
+        if db.listen_backends(false).await == 1 {
             return;
         }
         assert!(tokio::time::Instant::now() < deadline, "the LISTEN connection never came back");
@@ -176,24 +153,15 @@ async fn wait_for_listener(db: &TestDb) {
 async fn killing_the_listen_backend_while_rows_are_written_loses_and_repeats_nothing() {
     let db = TestDb::new().await;
     let keys = db.setup(&["acme"], "anon");
-    todos(&db).await;
+    db.todos().await;
     let gw = db.gateway(&[]).await;
-    let mut sse = gw.sse(&path(&keys[0]), &[]).await;
+    let mut sse = gw.sse(&collection_path("todos", &keys[0]), &[]).await;
     let stop = Arc::new(AtomicBool::new(false));
     let writing = writer(&db, stop.clone());
     for _ in 0..3 {
         wait_for_listener(&db).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let killed: i64 = db
-            .client
-            .query_one(
-                "select count(*) from (select pg_terminate_backend(pid) from pg_stat_activity
-                 where application_name = 'changegate-listen' and datname = current_database()) k",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
+        let killed = db.listen_backends(true).await;
         assert_eq!(killed, 1, "the gateway's LISTEN backend was found and killed");
         // Keep writing while it is down.
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -215,9 +183,9 @@ async fn killing_the_listen_backend_while_rows_are_written_loses_and_repeats_not
 async fn restarting_the_gateway_mid_stream_loses_nothing_for_a_resuming_client() {
     let db = TestDb::new().await;
     let keys = db.setup(&["acme"], "anon");
-    todos(&db).await;
+    db.todos().await;
     let first = db.gateway(&[]).await;
-    let mut sse = first.sse(&path(&keys[0]), &[]).await;
+    let mut sse = first.sse(&collection_path("todos", &keys[0]), &[]).await;
     let stop = Arc::new(AtomicBool::new(false));
     let writing = writer(&db, stop.clone());
     let mut received = titles(&mut sse, 20).await;
@@ -228,7 +196,7 @@ async fn restarting_the_gateway_mid_stream_loses_nothing_for_a_resuming_client()
     stop.store(true, Ordering::SeqCst);
     let written = writing.await.unwrap();
     let last = received.last().unwrap().0.clone();
-    let mut resumed = second.sse(&path(&keys[0]), &[("last-event-id", &last)]).await;
+    let mut resumed = second.sse(&collection_path("todos", &keys[0]), &[("last-event-id", &last)]).await;
     received.extend(titles(&mut resumed, written - received.len()).await);
     let expected: Vec<String> = (1..=written).map(|n| n.to_string()).collect();
     assert_eq!(received.into_iter().map(|(_, t)| t).collect::<Vec<_>>(), expected);
@@ -238,9 +206,9 @@ async fn restarting_the_gateway_mid_stream_loses_nothing_for_a_resuming_client()
 async fn a_position_pruned_by_retention_yields_reset_and_a_kept_one_replays() {
     let db = TestDb::new().await;
     let keys = db.setup(&["acme"], "anon");
-    todos(&db).await;
+    db.todos().await;
     let gw = db.gateway(&["--outbox-max-rows", "3", "--prune-every", "100ms"]).await;
-    let mut sse = gw.sse(&path(&keys[0]), &[]).await;
+    let mut sse = gw.sse(&collection_path("todos", &keys[0]), &[]).await;
     for n in 0..6 {
         db.client
             .execute("insert into todos (tenant_id, title) values ('acme', $1)", &[&n.to_string()])
@@ -259,11 +227,11 @@ async fn a_position_pruned_by_retention_yields_reset_and_a_kept_one_replays() {
         assert!(tokio::time::Instant::now() < deadline, "retention never ran");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let mut expired = gw.sse(&path(&keys[0]), &[("last-event-id", &seen[0].0)]).await;
+    let mut expired = gw.sse(&collection_path("todos", &keys[0]), &[("last-event-id", &seen[0].0)]).await;
     let reset = expired.next_event().await;
     assert_eq!((reset.event(), reset.json()), (Some("reset"), json!({"reason": "position-expired"})));
     assert_eq!(reset.id(), Some(seen[5].0.as_str()), "continue from the newest committed change");
-    let mut kept = gw.sse(&path(&keys[0]), &[("last-event-id", &seen[3].0)]).await;
+    let mut kept = gw.sse(&collection_path("todos", &keys[0]), &[("last-event-id", &seen[3].0)]).await;
     let replayed = titles(&mut kept, 2).await;
     assert_eq!(replayed, seen[4..].to_vec());
 }
@@ -282,13 +250,7 @@ async fn readiness_is_red_while_the_listen_connection_is_down_and_green_after() 
     // Refuse new connections to the database, then cut the LISTEN connection.
     let admin = db.admin().await;
     admin.batch_execute(&format!("alter database {} allow_connections false", db.name)).await.unwrap();
-    db.client
-        .batch_execute(
-            "select pg_terminate_backend(pid) from pg_stat_activity
-             where application_name = 'changegate-listen' and datname = current_database()",
-        )
-        .await
-        .unwrap();
+    db.listen_backends(true).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let red = loop {
         let response = ready(&gw).await;
