@@ -6,6 +6,7 @@
 //! skipped, which makes the replay/live seam exact.
 
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +19,7 @@ use changegate_core::{Event, EventBody, Frame, Position, ResetReason, Subscripti
 use serde::Serialize;
 use serde_json::Value;
 use tokio::time::{Instant, MissedTickBehavior};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 /// Appends one SSE message. `data` is split on every line ending SSE recognises, so no payload
 /// can end the message early or inject a field.
@@ -133,7 +134,9 @@ struct State {
     after: Option<u64>,
     heartbeat: tokio::time::Interval,
     retry: Duration,
-    closing: CancellationToken,
+    // Created once: polling a fresh `cancelled()` future on every wake-up takes the token's
+    // lock each time, which showed up in the fan-out profile.
+    closing: Pin<Box<WaitForCancellationFutureOwned>>,
     done: bool,
 }
 
@@ -154,7 +157,7 @@ impl State {
         loop {
             tokio::select! {
                 biased;
-                () = self.closing.cancelled() => return Step::Finish(retry(self.retry)),
+                () = &mut self.closing => return Step::Finish(retry(self.retry)),
                 received = self.subscription.recv() => match received {
                     Ok(Some(frame)) if self.fresh(&frame) => return self.batch(&frame),
                     Ok(Some(_)) => continue,
@@ -204,7 +207,7 @@ pub fn response(connection: Connection) -> Response {
         after: after.map(Position::seq),
         heartbeat: ticker,
         retry,
-        closing,
+        closing: Box::pin(closing.cancelled_owned()),
         done: false,
     };
     let stream = futures_util::stream::unfold(state, |mut state| async move {

@@ -1,0 +1,499 @@
+//! `changegate-bench`: starts the release gateway as a child process and measures it from the
+//! outside — connections held, deliveries per second, publish/commit → receive latency — the way
+//! a user's clients would see it. It reports figures; it asserts nothing about time. On a
+//! 2-core machine the load generator shares the cores with the gateway: every figure is for both
+//! processes on one machine, and is a lower bound for the gateway alone.
+
+mod process;
+mod sse;
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use process::Gateway;
+use sse::Seen;
+
+#[derive(Parser)]
+#[command(name = "changegate-bench", about = "Benchmark scenarios for changegate")]
+struct Cli {
+    /// The gateway binary (default: `changegate` next to this binary — build both with --release).
+    #[arg(long, global = true)]
+    gateway: Option<PathBuf>,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// Hold N idle SSE connections; report gateway RSS per connection and idle CPU.
+    Idle {
+        #[arg(long, default_value_t = 1000)]
+        connections: usize,
+        /// How long to watch idle CPU.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+    /// S subscribers on one topic; publish at stepped rates; deliveries/s and latency.
+    Fanout {
+        #[arg(long, default_value_t = 1000)]
+        subscribers: usize,
+        /// Publishes per second, one step each.
+        #[arg(long, value_delimiter = ',', default_value = "10,100,1000")]
+        rates: Vec<u64>,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
+    /// R commits/s into a realtime table with S subscribers; commit → receive latency.
+    Postgres {
+        #[arg(long, default_value_t = 100)]
+        subscribers: usize,
+        #[arg(long, value_delimiter = ',', default_value = "100,1000")]
+        rates: Vec<u64>,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Rows inserted by each transaction.
+        #[arg(long, default_value_t = 1)]
+        rows_per_commit: u32,
+        /// Server to create the `changegate_bench` database on.
+        #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+        database_url: String,
+    },
+    /// T tenants × S subscribers, every tenant publishing; checks each got exactly its own events.
+    Tenants {
+        #[arg(long, default_value_t = 10)]
+        tenants: usize,
+        #[arg(long, default_value_t = 100)]
+        subscribers: usize,
+        #[arg(long, default_value_t = 200)]
+        events: u64,
+    },
+    /// K clients drop and reconnect with Last-Event-ID at once while publishing continues.
+    Reconnect {
+        #[arg(long, default_value_t = 1000)]
+        clients: usize,
+        #[arg(long, default_value_t = 200)]
+        rate: u64,
+        #[arg(long, default_value_t = 3)]
+        seconds: u64,
+    },
+}
+
+/// A keys file for `tenants` tenants (`t0`, `t1`, …): `(anon, publish)` per tenant.
+fn keys(tenants: usize) -> anyhow::Result<(PathBuf, Vec<(String, String)>)> {
+    let mut entries = Vec::new();
+    let mut pairs = Vec::new();
+    for t in 0..tenants {
+        let anon = format!("flc_anon_{:040x}", 0xa000_0000_u64 + t as u64);
+        let publish = format!("flc_publish_{:040x}", 0xb000_0000_u64 + t as u64);
+        entries.push(json!({"tenant": format!("t{t}"), "scope": "anon", "key": anon}));
+        entries.push(json!({"tenant": format!("t{t}"), "scope": "publish", "key": publish}));
+        pairs.push((anon, publish));
+    }
+    let path = std::env::temp_dir().join(format!("changegate-bench-keys-{}.json", std::process::id()));
+    std::fs::write(&path, Value::Array(entries).to_string())?;
+    Ok((path, pairs))
+}
+
+/// The i-th client's source address: 127.0.0.2 and up, 1 000 connections per address, so the
+/// ephemeral port range never runs out and binding a port stays cheap.
+fn source(i: usize) -> IpAddr {
+    let n = u32::try_from(i / 1_000 + 2).unwrap_or(2);
+    IpAddr::V4(Ipv4Addr::from(0x7f00_0000 + n))
+}
+
+struct Percentiles {
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    max: f64,
+}
+
+fn percentiles(mut us: Vec<u64>) -> Percentiles {
+    us.sort_unstable();
+    let at = |q: f64| {
+        if us.is_empty() {
+            return 0.0;
+        }
+        let i = ((us.len() as f64 - 1.0) * q).round() as usize;
+        us[i] as f64 / 1000.0
+    };
+    Percentiles { p50: at(0.5), p90: at(0.9), p99: at(0.99), max: at(1.0) }
+}
+
+fn report(scenario: &str, record: Value, row: String) {
+    println!("{}", json!({"scenario": scenario, "machine": process::machine(), "result": record}));
+    println!("| {scenario} | {row} |");
+}
+
+async fn subscribe_many(
+    gw: &Gateway,
+    n: usize,
+    path: &dyn Fn(usize) -> (String, String, Option<String>),
+    until: Option<u64>,
+    stop: &watch::Receiver<bool>,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<Seen>>> {
+    let mut handles = Vec::with_capacity(n);
+    for i in 0..n {
+        let (p, key, tenant) = path(i);
+        let handle = sse::open(gw.address, source(i), &p, &key, None, tenant, until, stop.clone())
+            .await
+            .with_context(|| format!("opening subscriber {i}"))?;
+        handles.push(handle);
+    }
+    Ok(handles)
+}
+
+async fn collect(handles: Vec<tokio::task::JoinHandle<Seen>>) -> Vec<Seen> {
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        if let Ok(seen) = h.await {
+            out.push(seen);
+        }
+    }
+    out
+}
+
+/// Publishes `rate` messages per second for `seconds` to `topic`; returns how many it sent.
+async fn publish_at(base: String, key: String, topic: &str, tenant: &str, rate: u64, seconds: u64) -> u64 {
+    let http = reqwest::Client::new();
+    let url = format!("{base}/v1/events/publish");
+    let total = rate * seconds;
+    let period = Duration::from_secs_f64(1.0 / rate as f64);
+    let started = tokio::time::Instant::now();
+    let mut inflight = tokio::task::JoinSet::new();
+    let mut sent = 0;
+    for i in 0..total {
+        tokio::time::sleep_until(started + period.mul_f64(i as f64)).await;
+        let request = http
+            .post(&url)
+            .header("apikey", &key)
+            .json(&json!({"topic": topic, "data": {"t": sse::now_us(), "tenant": tenant, "n": i}}));
+        inflight
+            .spawn(async move { request.send().await.map(|r| r.status().as_u16() == 202).unwrap_or(false) });
+        while inflight.len() > 64 {
+            if let Some(ok) = inflight.join_next().await {
+                sent += u64::from(ok.unwrap_or(false));
+            }
+        }
+    }
+    while let Some(ok) = inflight.join_next().await {
+        sent += u64::from(ok.unwrap_or(false));
+    }
+    sent
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let binary = cli.gateway.unwrap_or_else(process::default_binary);
+    match cli.scenario {
+        Scenario::Idle { connections, seconds } => idle(&binary, connections, seconds).await,
+        Scenario::Fanout { subscribers, rates, seconds } => {
+            fanout(&binary, subscribers, &rates, seconds).await
+        }
+        Scenario::Postgres { subscribers, rates, seconds, rows_per_commit, database_url } => {
+            postgres(&binary, subscribers, &rates, seconds, rows_per_commit, &database_url).await
+        }
+        Scenario::Tenants { tenants, subscribers, events } => {
+            tenants_scenario(&binary, tenants, subscribers, events).await
+        }
+        Scenario::Reconnect { clients, rate, seconds } => reconnect(&binary, clients, rate, seconds).await,
+    }
+}
+
+async fn idle(binary: &std::path::Path, connections: usize, seconds: u64) -> anyhow::Result<()> {
+    let (keys_file, keys) = keys(1)?;
+    let gw = Gateway::start(binary, &["--keys".into(), keys_file.display().to_string()], &[]).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = gw.rss_kib();
+    let (stop_tx, stop) = watch::channel(false);
+    let key = keys[0].0.clone();
+    let started = Instant::now();
+    let handles = subscribe_many(
+        &gw,
+        connections,
+        &|_| ("/v1/events/subscribe?topic=idle".into(), key.clone(), None),
+        None,
+        &stop,
+    )
+    .await?;
+    let connect_s = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = gw.rss_kib();
+    let ticks = gw.cpu_ticks();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let cpu = (gw.cpu_ticks() - ticks) as f64 / 100.0 / seconds as f64 * 100.0;
+    let per_conn = (after.saturating_sub(before)) as f64 * 1024.0 / connections as f64;
+    let _ = stop_tx.send(true);
+    collect(handles).await;
+    report(
+        "idle",
+        json!({"connections": connections, "rss_before_kib": before, "rss_after_kib": after,
+               "bytes_per_connection": per_conn, "idle_cpu_percent": cpu, "connect_seconds": connect_s}),
+        format!(
+            "{connections} conns | {per_conn:.0} B RSS/conn | {cpu:.2} % idle CPU | connected in {connect_s:.1} s"
+        ),
+    );
+    Ok(())
+}
+
+async fn fanout(
+    binary: &std::path::Path,
+    subscribers: usize,
+    rates: &[u64],
+    seconds: u64,
+) -> anyhow::Result<()> {
+    let (keys_file, keys) = keys(1)?;
+    let gw = Gateway::start(binary, &["--keys".into(), keys_file.display().to_string()], &[]).await?;
+    for &rate in rates {
+        let (stop_tx, stop) = watch::channel(false);
+        let anon = keys[0].0.clone();
+        let handles = subscribe_many(
+            &gw,
+            subscribers,
+            &|_| ("/v1/events/subscribe?topic=fan".into(), anon.clone(), None),
+            None,
+            &stop,
+        )
+        .await?;
+        // Let the connection storm settle before measuring.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let started = Instant::now();
+        let ticks = gw.cpu_ticks();
+        let sent =
+            publish_at(format!("http://{}", gw.address), keys[0].1.clone(), "fan", "t0", rate, seconds).await;
+        let publish_s = started.elapsed().as_secs_f64();
+        // Let the tail arrive, then stop everyone.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let cpu_s = (gw.cpu_ticks() - ticks) as f64 / 100.0;
+        let _ = stop_tx.send(true);
+        let seen = collect(handles).await;
+        let delivered: u64 = seen.iter().map(|s| s.events).sum();
+        let cut = seen.iter().filter(|s| s.ended_by_server).count();
+        let expected = sent * subscribers as u64;
+        let p = percentiles(seen.into_iter().flat_map(|s| s.latencies_us).collect());
+        let per_s = delivered as f64 / publish_s;
+        let cpu_us_per_delivery = cpu_s * 1e6 / delivered.max(1) as f64;
+        report(
+            "fanout",
+            json!({"subscribers": subscribers, "rate": rate, "seconds": seconds, "published": sent,
+                   "delivered": delivered, "expected": expected, "slow_consumer_cuts": cut,
+                   "deliveries_per_second": per_s, "gateway_cpu_seconds": cpu_s,
+                   "gateway_cpu_us_per_delivery": cpu_us_per_delivery,
+                   "p50_ms": p.p50, "p90_ms": p.p90, "p99_ms": p.p99, "max_ms": p.max}),
+            format!(
+                "{subscribers} subs × {rate} msg/s | {per_s:.0} deliveries/s ({delivered}/{expected}, {cut} cut) | gateway {cpu_us_per_delivery:.2} µs CPU/delivery | p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                p.p50, p.p90, p.p99, p.max
+            ),
+        );
+    }
+    Ok(())
+}
+
+async fn postgres(
+    binary: &std::path::Path,
+    subscribers: usize,
+    rates: &[u64],
+    seconds: u64,
+    rows: u32,
+    server: &str,
+) -> anyhow::Result<()> {
+    let (admin, connection) = tokio_postgres::connect(server, tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    admin.batch_execute("drop database if exists changegate_bench with (force)").await?;
+    admin.batch_execute("create database changegate_bench").await?;
+    let url = format!("{}/changegate_bench", server.rsplit_once('/').map_or(server, |(b, _)| b));
+    let cli = |args: &[&str]| -> anyhow::Result<String> {
+        let out = std::process::Command::new(binary).args(args).env("DATABASE_URL", &url).output()?;
+        anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        Ok(String::from_utf8(out.stdout)?)
+    };
+    cli(&["migrate"])?;
+    cli(&["tenants", "create", "t0"])?;
+    let key = cli(&["keys", "create", "--tenant", "t0", "--scope", "anon"])?
+        .trim()
+        .trim_start_matches("key=")
+        .to_owned();
+    let mut writers_pool = Vec::new();
+    for _ in 0..8 {
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        writers_pool.push(Arc::new(client));
+    }
+    let db = writers_pool[0].clone();
+    db.batch_execute(
+        "create table bench (id bigserial primary key, tenant_id text not null, t bigint not null);
+         select realtime.enable('bench', 'tenant_id');",
+    )
+    .await?;
+    let gw = Gateway::start(binary, &[], &[("DATABASE_URL".into(), url.clone())]).await?;
+    for &rate in rates {
+        let (stop_tx, stop) = watch::channel(false);
+        let handles = subscribe_many(
+            &gw,
+            subscribers,
+            &|_| ("/v1/events/subscribe?collection=bench".into(), key.clone(), None),
+            None,
+            &stop,
+        )
+        .await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let total = rate * seconds;
+        let period = Duration::from_secs_f64(1.0 / rate as f64);
+        let started = tokio::time::Instant::now();
+        let mut writers = tokio::task::JoinSet::new();
+        let mut committed = 0u64;
+        for i in 0..total {
+            tokio::time::sleep_until(started + period.mul_f64(i as f64)).await;
+            let db = writers_pool[usize::try_from(i).unwrap_or(0) % writers_pool.len()].clone();
+            writers.spawn(async move {
+                let t = i64::try_from(sse::now_us()).unwrap_or(0);
+                let rows = i64::from(rows);
+                db.execute("insert into bench (tenant_id, t) select 't0', $1::bigint from generate_series(1::bigint, $2::bigint)", &[&t, &rows])
+                    .await
+                    .is_ok()
+            });
+            while writers.len() > 32 {
+                if let Some(ok) = writers.join_next().await {
+                    committed += u64::from(ok.unwrap_or(false));
+                }
+            }
+        }
+        while let Some(ok) = writers.join_next().await {
+            committed += u64::from(ok.unwrap_or(false));
+        }
+        let write_s = started.elapsed().as_secs_f64();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let _ = stop_tx.send(true);
+        let seen = collect(handles).await;
+        let delivered: u64 = seen.iter().map(|s| s.events).sum();
+        let expected = committed * u64::from(rows) * subscribers as u64;
+        let p = percentiles(seen.into_iter().flat_map(|s| s.latencies_us).collect());
+        let commits_s = committed as f64 / write_s;
+        let changes_s = commits_s * f64::from(rows);
+        report(
+            "postgres",
+            json!({"subscribers": subscribers, "rate": rate, "rows_per_commit": rows, "committed": committed,
+                   "commits_per_second": commits_s, "changes_per_second": changes_s,
+                   "delivered": delivered, "expected": expected, "p50_ms": p.p50, "p90_ms": p.p90, "p99_ms": p.p99, "max_ms": p.max}),
+            format!(
+                "{subscribers} subs × {rate} commits/s × {rows} rows target ({commits_s:.0} commits/s, {changes_s:.0} changes/s achieved) | {delivered}/{expected} delivered | p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                p.p50, p.p90, p.p99, p.max
+            ),
+        );
+    }
+    Ok(())
+}
+
+async fn tenants_scenario(
+    binary: &std::path::Path,
+    tenants: usize,
+    subscribers: usize,
+    events: u64,
+) -> anyhow::Result<()> {
+    let (keys_file, keys) = keys(tenants)?;
+    let gw = Gateway::start(binary, &["--keys".into(), keys_file.display().to_string()], &[]).await?;
+    let (_stop_tx, stop) = watch::channel(false);
+    let keys = Arc::new(keys);
+    let per_tenant = subscribers;
+    let k = keys.clone();
+    let handles = subscribe_many(
+        &gw,
+        tenants * per_tenant,
+        &|i| {
+            (
+                "/v1/events/subscribe?topic=orders".into(),
+                k[i / per_tenant].0.clone(),
+                Some(format!("t{}", i / per_tenant)),
+            )
+        },
+        Some(events),
+        &stop,
+    )
+    .await?;
+    let started = Instant::now();
+    let mut publishers = tokio::task::JoinSet::new();
+    for (t, (_, publish)) in keys.iter().enumerate() {
+        let base = format!("http://{}", gw.address);
+        let publish = publish.clone();
+        publishers
+            .spawn(async move { publish_at(base, publish, "orders", &format!("t{t}"), events, 1).await });
+    }
+    while publishers.join_next().await.is_some() {}
+    let seen = tokio::time::timeout(Duration::from_secs(30), collect(handles)).await.unwrap_or_default();
+    let elapsed = started.elapsed().as_secs_f64();
+    let exact = seen.iter().filter(|s| s.events == events && s.foreign == 0).count();
+    let foreign: u64 = seen.iter().map(|s| s.foreign).sum();
+    let delivered: u64 = seen.iter().map(|s| s.events).sum();
+    report(
+        "tenants",
+        json!({"tenants": tenants, "subscribers_per_tenant": subscribers, "events_per_tenant": events,
+               "subscribers_exact": exact, "subscribers": tenants * subscribers, "foreign_events": foreign,
+               "deliveries_per_second": delivered as f64 / elapsed}),
+        format!(
+            "{tenants} tenants × {subscribers} subs × {events} events | {exact}/{} subscribers got exactly their own events, {foreign} foreign | {:.0} deliveries/s",
+            tenants * subscribers,
+            delivered as f64 / elapsed
+        ),
+    );
+    Ok(())
+}
+
+async fn reconnect(binary: &std::path::Path, clients: usize, rate: u64, seconds: u64) -> anyhow::Result<()> {
+    let (keys_file, keys) = keys(1)?;
+    let gw = Gateway::start(binary, &["--keys".into(), keys_file.display().to_string()], &[]).await?;
+    let anon = keys[0].0.clone();
+    let path = "/v1/events/subscribe?topic=re";
+    let (stop_tx, stop) = watch::channel(false);
+    let first = subscribe_many(&gw, clients, &|_| (path.into(), anon.clone(), None), None, &stop).await?;
+    let base = format!("http://{}", gw.address);
+    let total = rate * seconds * 2;
+    let publisher = tokio::spawn(publish_at(base, keys[0].1.clone(), "re", "t0", rate, seconds * 2));
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    // Everyone drops at once…
+    let _ = stop_tx.send(true);
+    let before = collect(first).await;
+    let (_stop_tx, stop) = watch::channel(false);
+    let started = Instant::now();
+    // …and comes back with its Last-Event-ID while publishing goes on, expecting every event
+    // it has not seen.
+    let mut handles = Vec::new();
+    for (i, seen) in before.iter().enumerate() {
+        let remaining = total.saturating_sub(seen.events);
+        handles.push(
+            sse::open(
+                gw.address,
+                source(i),
+                path,
+                &anon,
+                seen.last_id.as_deref(),
+                None,
+                Some(remaining),
+                stop.clone(),
+            )
+            .await?,
+        );
+    }
+    let reconnect_s = started.elapsed().as_secs_f64();
+    let published = publisher.await.unwrap_or(0);
+    let last_publish = Instant::now();
+    let after = tokio::time::timeout(Duration::from_secs(60), collect(handles)).await.unwrap_or_default();
+    let tail_ms = last_publish.elapsed().as_secs_f64() * 1000.0;
+    let complete = before.iter().zip(&after).filter(|(b, a)| b.events + a.events == published).count();
+    report(
+        "reconnect",
+        json!({"clients": clients, "published": published, "clients_complete": complete,
+               "reconnect_seconds": reconnect_s, "caught_up_ms_after_last_publish": tail_ms}),
+        format!(
+            "{clients} clients reconnect at once | {complete}/{clients} received all {published} events exactly | all reconnected in {reconnect_s:.2} s; caught up {tail_ms:.0} ms after the last publish"
+        ),
+    );
+    Ok(())
+}
