@@ -142,7 +142,8 @@ async fn subscribe_many(
     let mut handles = Vec::with_capacity(n);
     for i in 0..n {
         let (p, key, tenant) = path(i);
-        let handle = sse::open(gw.address, source(i), &p, &key, None, tenant, until, stop.clone())
+        let target = sse::Target { server: gw.address, local: source(i), path: &p, key: &key, last_id: None };
+        let handle = sse::open(target, sse::Expect { tenant, until }, stop.clone())
             .await
             .with_context(|| format!("opening subscriber {i}"))?;
         handles.push(handle);

@@ -29,18 +29,38 @@ pub fn now_us() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(0))
 }
 
-/// Connects from `local`, sends the request, and waits for the response head; then reads in a
-/// task until `stop` turns true, `until` events arrived, or the server ends the stream.
+/// Where and how one client connects.
+pub struct Target<'a> {
+    /// The gateway.
+    pub server: SocketAddr,
+    /// The client's source address.
+    pub local: IpAddr,
+    /// Path and query.
+    pub path: &'a str,
+    /// Sent in the `apikey` header.
+    pub key: &'a str,
+    /// Sent as `Last-Event-ID`.
+    pub last_id: Option<&'a str>,
+}
+
+/// What the client checks and when it stops by itself.
+#[derive(Default)]
+pub struct Expect {
+    /// Count events whose data does not name this tenant.
+    pub tenant: Option<String>,
+    /// Stop after this many events.
+    pub until: Option<u64>,
+}
+
+/// Connects, sends the request, and waits for the response head; then reads in a task until
+/// `stop` turns true, the expected number of events arrived, or the server ends the stream.
 pub async fn open(
-    server: SocketAddr,
-    local: IpAddr,
-    path: &str,
-    key: &str,
-    last_id: Option<&str>,
-    expect_tenant: Option<String>,
-    until: Option<u64>,
+    target: Target<'_>,
+    expect: Expect,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<JoinHandle<Seen>> {
+    let Target { server, local, path, key, last_id } = target;
+    let Expect { tenant: expect_tenant, until } = expect;
     let socket = TcpSocket::new_v4()?;
     socket.bind(SocketAddr::new(local, 0))?;
     let mut stream: TcpStream = socket.connect(server).await?;
