@@ -468,18 +468,15 @@ async fn reconnect(binary: &std::path::Path, clients: usize, rate: u64, seconds:
     let mut handles = Vec::new();
     for (i, seen) in before.iter().enumerate() {
         let remaining = total.saturating_sub(seen.events);
+        let target = sse::Target {
+            server: gw.address,
+            local: source(i),
+            path,
+            key: &anon,
+            last_id: seen.last_id.as_deref(),
+        };
         handles.push(
-            sse::open(
-                gw.address,
-                source(i),
-                path,
-                &anon,
-                seen.last_id.as_deref(),
-                None,
-                Some(remaining),
-                stop.clone(),
-            )
-            .await?,
+            sse::open(target, sse::Expect { tenant: None, until: Some(remaining) }, stop.clone()).await?,
         );
     }
     let reconnect_s = started.elapsed().as_secs_f64();
