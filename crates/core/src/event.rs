@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use serde_json::Value;
 
-use crate::names::{CollectionName, TenantId, Topic};
+use crate::names::{CollectionName, EnvironmentId, TenantId, Topic};
 use crate::position::Position;
 
 /// A commit time, in milliseconds since the Unix epoch.
@@ -90,6 +90,80 @@ impl ResetReason {
     }
 }
 
+/// What happened to a flag, in the names the flag streams use.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum FlagEventKind {
+    /// A flag was created.
+    FlagCreated,
+    /// A flag's name, state, variants or default changed.
+    FlagUpdated,
+    /// A flag was deleted.
+    FlagDeleted,
+    /// A rule was added to a flag.
+    RuleCreated,
+    /// A rule was changed.
+    RuleUpdated,
+    /// A rule was removed.
+    RuleDeleted,
+    /// A segment the flag uses changed (the flag itself did not).
+    SegmentChanged,
+}
+
+impl FlagEventKind {
+    /// Every kind.
+    pub const ALL: [Self; 7] = [
+        Self::FlagCreated,
+        Self::FlagUpdated,
+        Self::FlagDeleted,
+        Self::RuleCreated,
+        Self::RuleUpdated,
+        Self::RuleDeleted,
+        Self::SegmentChanged,
+    ];
+
+    /// The wire name (`flag.created`, …, `segment.changed`).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::FlagCreated => "flag.created",
+            Self::FlagUpdated => "flag.updated",
+            Self::FlagDeleted => "flag.deleted",
+            Self::RuleCreated => "rule.created",
+            Self::RuleUpdated => "rule.updated",
+            Self::RuleDeleted => "rule.deleted",
+            Self::SegmentChanged => "segment.changed",
+        }
+    }
+
+    /// Parses a wire name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+/// Why configuration that may affect many flags changed.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum ConfigReason {
+    /// A segment was created, changed or deleted.
+    SegmentModified,
+    /// An API key of the environment was rotated.
+    ApiKeyRotated,
+}
+
+impl ConfigReason {
+    /// The wire name.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::SegmentModified => "segment-modified",
+            Self::ApiKeyRotated => "api-key-rotated",
+        }
+    }
+
+    /// Parses a wire name.
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::SegmentModified, Self::ApiKeyRotated].into_iter().find(|r| r.as_str() == s)
+    }
+}
+
 /// What an event says.
 #[derive(Clone, PartialEq, Debug)]
 pub enum EventBody {
@@ -111,6 +185,26 @@ pub enum EventBody {
     Reset {
         /// Why.
         reason: ResetReason,
+    },
+    /// A flag of an environment changed.
+    Flag {
+        /// The flag's environment.
+        environment: EnvironmentId,
+        /// What happened.
+        kind: FlagEventKind,
+        /// The flag's key.
+        flag_key: String,
+        /// The flag's version after the change.
+        version: u64,
+        /// The flag's full configuration (FlagDto) after the change; `null` once deleted.
+        flag: Value,
+    },
+    /// Configuration that may affect many flags changed.
+    Config {
+        /// The environment, or every environment of the tenant.
+        environment: Option<EnvironmentId>,
+        /// Why.
+        reason: ConfigReason,
     },
     /// An application message published through `POST /v1/events/publish`.
     Message {
@@ -141,9 +235,15 @@ pub struct Event {
 pub enum Dialect {
     /// `/v1/events/subscribe`: `id:` + one `data:` line, no `event:` field.
     Realtime = 0,
+    /// `/api/v1/stream`: flag and rule events as `data:` lines.
+    FlagsA = 1,
+    /// `/stream`: `event: flag.updated` with the full flag configuration.
+    FlagsB = 2,
+    /// `/api/v1/flags/events`: the event and data lines (the `id:` is per connection).
+    FlagsC = 3,
 }
 
-const DIALECTS: usize = 1;
+const DIALECTS: usize = 4;
 
 /// An event as the hub fans it out: the event plus its per-dialect encodings, computed lazily
 /// once and then shared (as cheap `Bytes` clones) by every subscriber.

@@ -21,13 +21,15 @@ use tokio::sync::{OnceCell, broadcast};
 use tokio::time::Instant;
 
 use crate::event::{Event, EventBody, Frame, SourceKind};
-use crate::names::{CollectionName, TenantId, TopicPattern};
+use crate::names::{CollectionName, EnvironmentId, TenantId, TopicPattern};
 
 /// What a feed carries.
 #[derive(Clone, PartialEq, Eq, Hash, Debug)]
 pub enum Feed {
     /// The tenant's published application messages (every topic).
     Messages,
+    /// The tenant's flag, rule, segment and key-rotation events (every environment).
+    Flags,
     /// Changes of one table or collection of the tenant.
     Collection {
         /// Which database.
@@ -53,6 +55,8 @@ pub enum Filter {
     Everything,
     /// Messages whose topic matches.
     Topics(TopicPattern),
+    /// Flag and configuration events of one environment (`Some`) or of all (`None`).
+    Environment(Option<EnvironmentId>),
 }
 
 impl Filter {
@@ -62,6 +66,12 @@ impl Filter {
             (Self::Everything, _) => true,
             (Self::Topics(pattern), EventBody::Message { topic, .. }) => pattern.matches(topic),
             (Self::Topics(_), _) => false,
+            (Self::Environment(None), EventBody::Flag { .. } | EventBody::Config { .. }) => true,
+            (Self::Environment(Some(wanted)), EventBody::Flag { environment, .. }) => environment == wanted,
+            (Self::Environment(Some(wanted)), EventBody::Config { environment, .. }) => {
+                environment.as_ref().is_none_or(|e| e == wanted)
+            }
+            (Self::Environment(_), _) => false,
         }
     }
 }

@@ -12,9 +12,12 @@ pub mod hub;
 pub mod memory;
 pub mod names;
 pub mod position;
+pub mod sse;
 
 pub use auth::{ApiKey, KeyHash, KeyRecord, Principal, Role, Scope};
-pub use event::{Event, EventBody, Frame, Op, ResetReason, SourceKind, Timestamp};
+pub use event::{
+    ConfigReason, Event, EventBody, FlagEventKind, Frame, Op, ResetReason, SourceKind, Timestamp,
+};
 pub use hub::{Feed, FeedKey, Filter, Hub, HubConfig, Lagged, Subscription};
 pub use memory::{MemoryEngine, MemoryKeys, Replay, Retention};
 pub use names::{CollectionName, EnvironmentId, NameError, TenantId, Topic, TopicPattern};

@@ -114,6 +114,12 @@ impl MemoryEngine {
 
     /// Appends a message to `tenant`'s log and delivers it to the tenant's subscribers.
     pub fn publish(&self, tenant: &TenantId, topic: Topic, data: Value) -> Position {
+        self.append(tenant, Feed::Messages, EventBody::Message { topic, data })
+    }
+
+    /// Appends an event of `feed` to `tenant`'s log and delivers it to the feed's subscribers.
+    /// Callers that must order several appends (a flag store) hold their own lock around them.
+    pub fn append(&self, tenant: &TenantId, feed: Feed, body: EventBody) -> Position {
         let log = self.log(tenant);
         let mut log = log.lock().unwrap_or_else(PoisonError::into_inner);
         let position = {
@@ -122,13 +128,12 @@ impl MemoryEngine {
             Position::new(self.epoch, *last)
         };
         let at = Timestamp::now();
-        let body = EventBody::Message { topic, data };
         let frame = Arc::new(Frame::new(Event { tenant: tenant.clone(), position, at, body }));
         log.events.push_back(frame.clone());
         log.prune(self.retention, at);
         // Dispatch while holding the tenant's log lock: the hub then sees this tenant's events
         // in log order, which is what makes the replay/live seam exact.
-        let key = FeedKey { tenant: tenant.clone(), feed: Feed::Messages };
+        let key = FeedKey { tenant: tenant.clone(), feed };
         self.hub.dispatch(&key, frame);
         position
     }
@@ -137,7 +142,8 @@ impl MemoryEngine {
     /// when events after `after` may have been dropped or `after` was never issued here.
     pub fn replay(&self, key: &FeedKey, filter: &Filter, after: Position) -> Replay {
         let issued = *self.last_seq.lock().unwrap_or_else(PoisonError::into_inner);
-        if after.epoch() != self.epoch || after.seq() > issued || key.feed != Feed::Messages {
+        let logged_here = matches!(key.feed, Feed::Messages | Feed::Flags);
+        if after.epoch() != self.epoch || after.seq() > issued || !logged_here {
             return Replay::Reset;
         }
         let log = self.log(&key.tenant);
@@ -147,8 +153,22 @@ impl MemoryEngine {
             return Replay::Reset;
         }
         let start = log.events.partition_point(|f| f.position().seq() <= after.seq());
-        let events = log.events.range(start..).filter(|f| filter.matches(f.event())).cloned().collect();
+        let events = log
+            .events
+            .range(start..)
+            .filter(|f| feed_of(f.event()) == Some(&key.feed) && filter.matches(f.event()))
+            .cloned()
+            .collect();
         Replay::Events(events)
+    }
+}
+
+/// The in-memory feed an event belongs to.
+fn feed_of(event: &Event) -> Option<&'static Feed> {
+    match event.body {
+        EventBody::Message { .. } => Some(&Feed::Messages),
+        EventBody::Flag { .. } | EventBody::Config { .. } => Some(&Feed::Flags),
+        EventBody::Change { .. } | EventBody::Reset { .. } => None,
     }
 }
 

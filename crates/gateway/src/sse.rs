@@ -21,33 +21,7 @@ use serde_json::Value;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-/// Appends one SSE message. `data` is split on every line ending SSE recognises, so no payload
-/// can end the message early or inject a field.
-fn push_message(out: &mut BytesMut, id: Option<&str>, event: Option<&str>, data: &str) {
-    if let Some(event) = event {
-        out.extend_from_slice(b"event: ");
-        out.extend_from_slice(event.as_bytes());
-        out.extend_from_slice(b"\n");
-    }
-    if let Some(id) = id {
-        out.extend_from_slice(b"id: ");
-        out.extend_from_slice(id.as_bytes());
-        out.extend_from_slice(b"\n");
-    }
-    for line in data.split("\r\n").flat_map(|l| l.split(['\r', '\n'])) {
-        out.extend_from_slice(b"data: ");
-        out.extend_from_slice(line.as_bytes());
-        out.extend_from_slice(b"\n");
-    }
-    out.extend_from_slice(b"\n");
-}
-
-/// One SSE message as bytes.
-pub fn message(id: Option<&str>, event: Option<&str>, data: &str) -> Bytes {
-    let mut out = BytesMut::with_capacity(data.len() + 32);
-    push_message(&mut out, id, event, data);
-    out.freeze()
-}
+pub use changegate_core::sse::message;
 
 #[derive(Serialize)]
 struct MessageData<'a> {
@@ -81,6 +55,8 @@ pub fn encode_realtime(event: &Event) -> Bytes {
             serde_json::to_string(&ChangeData { kind: op.as_str(), document_id, document })
         }
         EventBody::Reset { reason } => return reset_with(event.position, *reason),
+        // Flag events travel on their own feed and never reach a realtime stream.
+        EventBody::Flag { .. } | EventBody::Config { .. } => return Bytes::new(),
     };
     // Serialising a `Value` and plain strings cannot fail.
     let data = data.unwrap_or_default();
@@ -273,12 +249,6 @@ mod tests {
             let json: Value = serde_json::from_str(&lines[1]["data: ".len()..]).unwrap();
             assert_eq!(json["data"]["s"], nasty);
         }
-    }
-
-    #[test]
-    fn raw_multiline_data_becomes_several_data_lines() {
-        let bytes = message(None, Some("x"), "a\nb\r\nc\rd");
-        assert_eq!(&bytes[..], b"event: x\ndata: a\ndata: b\ndata: c\ndata: d\n\n");
     }
 
     #[test]

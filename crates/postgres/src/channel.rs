@@ -6,6 +6,9 @@ use md5::{Digest, Md5};
 /// The relation name published messages use in their channel.
 pub const MESSAGES: &str = "realtime.messages";
 
+/// The relation name flag and configuration events use in their channel.
+pub const FLAGS: &str = "realtime.flags";
+
 /// `flc_rt_` + md5 of `'<schema>.<table>:<tenant>'` — the same text `realtime.channel()`
 /// computes in SQL. Collection feeds must carry the canonical `schema.table` name.
 ///
@@ -21,6 +24,7 @@ pub const MESSAGES: &str = "realtime.messages";
 pub fn channel(key: &FeedKey) -> String {
     let relation = match &key.feed {
         Feed::Messages => MESSAGES,
+        Feed::Flags => FLAGS,
         Feed::Collection { name, .. } => name.as_str(),
     };
     let digest = Md5::digest(format!("{relation}:{}", key.tenant).as_bytes());
