@@ -201,6 +201,10 @@ pub enum Action {
     Subscribe,
     /// Publish messages.
     Publish,
+    /// Read flag streams and evaluate flags.
+    ReadFlags,
+    /// Create and change flags, rules, segments and environments.
+    ManageFlags,
 }
 
 /// Who a request acts as: always exactly one tenant.
@@ -232,6 +236,7 @@ impl Principal {
             (Role::Token | Role::Key(Scope::Service), _)
                 | (Role::Key(Scope::Anon), Action::Subscribe)
                 | (Role::Key(Scope::Publish), Action::Publish)
+                | (Role::Key(Scope::Sdk | Scope::Stream), Action::ReadFlags)
         )
     }
 }
@@ -292,16 +297,18 @@ mod tests {
         let p =
             |role| Principal { tenant: TenantId::parse("t").unwrap(), environment: None, role, key_id: None };
         let table = [
-            (Role::Key(Scope::Anon), true, false),
-            (Role::Key(Scope::Sdk), false, false),
-            (Role::Key(Scope::Stream), false, false),
-            (Role::Key(Scope::Publish), false, true),
-            (Role::Key(Scope::Service), true, true),
-            (Role::Token, true, true),
+            (Role::Key(Scope::Anon), [true, false, false, false]),
+            (Role::Key(Scope::Sdk), [false, false, true, false]),
+            (Role::Key(Scope::Stream), [false, false, true, false]),
+            (Role::Key(Scope::Publish), [false, true, false, false]),
+            (Role::Key(Scope::Service), [true, true, true, true]),
+            (Role::Token, [true, true, true, true]),
         ];
-        for (role, subscribe, publish) in table {
-            assert_eq!(p(role).may(Action::Subscribe), subscribe, "{role:?} subscribe");
-            assert_eq!(p(role).may(Action::Publish), publish, "{role:?} publish");
+        let actions = [Action::Subscribe, Action::Publish, Action::ReadFlags, Action::ManageFlags];
+        for (role, allowed) in table {
+            for (action, allowed) in actions.into_iter().zip(allowed) {
+                assert_eq!(p(role).may(action), allowed, "{role:?} {action:?}");
+            }
         }
     }
 }

@@ -163,6 +163,21 @@ impl MemoryEngine {
     }
 }
 
+impl MemoryEngine {
+    /// The retained events of `key` committed at or after `since_ms` (epoch milliseconds).
+    pub fn replay_since(&self, key: &FeedKey, filter: &Filter, since_ms: u64) -> Vec<Arc<Frame>> {
+        let log = self.log(&key.tenant);
+        let mut log = log.lock().unwrap_or_else(PoisonError::into_inner);
+        log.prune(self.retention, Timestamp::now());
+        log.events
+            .iter()
+            .filter(|f| f.event().at.as_millis() >= since_ms)
+            .filter(|f| feed_of(f.event()) == Some(&key.feed) && filter.matches(f.event()))
+            .cloned()
+            .collect()
+    }
+}
+
 /// The in-memory feed an event belongs to.
 fn feed_of(event: &Event) -> Option<&'static Feed> {
     match event.body {
@@ -182,6 +197,11 @@ impl MemoryKeys {
     /// Adds a key record.
     pub fn insert(&mut self, record: KeyRecord) {
         self.by_hash.insert(record.hash, record);
+    }
+
+    /// Every record.
+    pub fn records(&self) -> impl Iterator<Item = &KeyRecord> {
+        self.by_hash.values()
     }
 
     /// The record of `key`, if it exists (revoked or not).

@@ -118,7 +118,7 @@ mod tests {
     fn dialect_a_bytes() {
         assert_eq!(
             text(&encode_a(&event(flag(FlagEventKind::FlagUpdated)))),
-            "id: 000000ab-9\ndata: {\"environment_id\":\"production\",\"flag_key\":\"dark-mode\",\"timestamp\":1705844445,\"type\":\"flag.updated\",\"version\":4}\n\n"
+            "id: 000000ab-9\ndata: {\"type\":\"flag.updated\",\"flag_key\":\"dark-mode\",\"environment_id\":\"production\",\"version\":4,\"timestamp\":1705844445}\n\n"
         );
         assert!(encode_a(&event(flag(FlagEventKind::SegmentChanged))).is_empty());
     }
@@ -138,7 +138,7 @@ mod tests {
         };
         assert_eq!(
             text(&encode_b(&event(deleted))),
-            "event: flag.deleted\nid: 000000ab-9\ndata: {\"environment\":\"production\",\"key\":\"dark-mode\",\"version\":5}\n\n"
+            "event: flag.deleted\nid: 000000ab-9\ndata: {\"key\":\"dark-mode\",\"environment\":\"production\",\"version\":5}\n\n"
         );
         assert_eq!(
             text(&ping_b(Timestamp::from_millis(1_771_255_800_456))),

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use changegate_core::{ConfigReason, FlagEventKind};
+use changegate_core::{ConfigReason, EnvironmentId, EventBody, FlagEventKind};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -31,8 +31,21 @@ pub enum Emit {
     Config(ConfigReason),
 }
 
+impl Emit {
+    /// The event as the shared model carries it.
+    pub fn into_body(self, environment: &EnvironmentId) -> EventBody {
+        match self {
+            Self::Flag { kind, key, version, flag } => {
+                EventBody::Flag { environment: environment.clone(), kind, flag_key: key, version, flag }
+            }
+            Self::Config(reason) => EventBody::Config { environment: Some(environment.clone()), reason },
+        }
+    }
+}
+
 /// One environment's flags and segments.
 #[derive(Serialize, Deserialize, Default, Clone, PartialEq, Debug)]
+#[serde(default)]
 pub struct Environment {
     /// Flags by key.
     pub flags: BTreeMap<String, Flag>,

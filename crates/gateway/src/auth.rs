@@ -106,6 +106,8 @@ pub async fn authenticate(
         let what = match action {
             Action::Subscribe => "subscribe to collections or topics",
             Action::Publish => "publish messages",
+            Action::ReadFlags => "read flag streams",
+            Action::ManageFlags => "manage flags (use a `service` key or a JWT)",
         };
         return Err(ApiError::Forbidden(format!("{who} cannot {what}")));
     }

@@ -2,10 +2,13 @@
 //! logged, and how a subscriber replays. The memory engine by default; PostgreSQL with
 //! `DATABASE_URL`.
 
+use changegate_core::EnvironmentId;
 use changegate_core::{
     ApiKey, CollectionName, Feed, FeedKey, Filter, Hub, KeyRecord, MemoryEngine, MemoryKeys, Position,
     Replay, SourceKind, TenantId, Topic,
 };
+use changegate_flags::memory::MemoryFlags;
+use changegate_flags::{Emit, Environment as FlagEnvironment, FlagError};
 use changegate_postgres::{PgEngine, PgError};
 use serde_json::Value;
 
@@ -20,9 +23,23 @@ pub enum Engine {
         engine: MemoryEngine,
         /// Keys loaded at start.
         keys: MemoryKeys,
+        /// Environments, flags and segments.
+        flags: MemoryFlags,
     },
     /// PostgreSQL: keys, outbox, capture, cross-instance fan-out.
     Postgres(PgEngine),
+}
+
+impl From<FlagError> for ApiError {
+    fn from(error: FlagError) -> Self {
+        let message = error.to_string();
+        match error {
+            FlagError::NotFound(_) => ApiError::Missing(message),
+            FlagError::Exists(_) | FlagError::InUse(_) => ApiError::Conflict(message),
+            FlagError::Invalid(_) => ApiError::bad_request("invalid_flag", message),
+            FlagError::VersionMismatch { .. } => ApiError::VersionMismatch(message),
+        }
+    }
 }
 
 impl From<PgError> for ApiError {
@@ -101,6 +118,19 @@ impl Engine {
         }
     }
 
+    /// The retained events of `key` committed at or after `since_ms` (dialect C's resume).
+    pub async fn replay_since(
+        &self,
+        key: &FeedKey,
+        filter: &Filter,
+        since_ms: u64,
+    ) -> Result<Vec<std::sync::Arc<changegate_core::Frame>>, ApiError> {
+        match self {
+            Self::Memory { engine, .. } => Ok(engine.replay_since(key, filter, since_ms)),
+            Self::Postgres(engine) => Ok(engine.replay_since(key, filter, since_ms).await?),
+        }
+    }
+
     /// Where a client continues after a `reset`.
     pub async fn head(&self, key: &FeedKey) -> Result<Position, ApiError> {
         match self {
@@ -118,6 +148,86 @@ impl Engine {
                     return Err("the PostgreSQL LISTEN connection is down".into());
                 }
                 engine.store().ping().await.map_err(|_| "PostgreSQL is unreachable".to_owned())
+            }
+        }
+    }
+
+    /// The tenant's flag environments.
+    pub async fn environments(&self, tenant: &TenantId) -> Result<Vec<String>, ApiError> {
+        match self {
+            Self::Memory { flags, .. } => Ok(flags.environments(tenant)),
+            Self::Postgres(engine) => Ok(engine.store().environments(tenant).await?),
+        }
+    }
+
+    /// Creates an environment; `false` if it existed.
+    pub async fn create_environment(
+        &self,
+        tenant: &TenantId,
+        environment: &EnvironmentId,
+    ) -> Result<bool, ApiError> {
+        match self {
+            Self::Memory { flags, .. } => Ok(flags.create_environment(tenant, environment)),
+            Self::Postgres(engine) => Ok(engine.store().ensure_environment(tenant, environment).await?),
+        }
+    }
+
+    /// One environment's flags and segments.
+    pub async fn flags(
+        &self,
+        tenant: &TenantId,
+        environment: &EnvironmentId,
+    ) -> Result<FlagEnvironment, ApiError> {
+        match self {
+            Self::Memory { flags, .. } => Ok(flags.read(tenant, environment)?),
+            Self::Postgres(engine) => {
+                let state = engine.store().flag_state(tenant, environment).await?;
+                Ok(serde_json::from_value(state)
+                    .map_err(|e| FlagError::Invalid(format!("stored flags: {e}")))?)
+            }
+        }
+    }
+
+    /// Applies a flag write and logs the events it causes, atomically.
+    pub async fn write_flags<R: Send>(
+        &self,
+        tenant: &TenantId,
+        environment: &EnvironmentId,
+        op: impl FnOnce(&mut FlagEnvironment, &str) -> Result<(R, Vec<Emit>), FlagError> + Send,
+    ) -> Result<R, ApiError> {
+        match self {
+            Self::Memory { engine, flags, .. } => Ok(flags.write(engine, tenant, environment, op)?),
+            Self::Postgres(engine) => {
+                let mut result = None;
+                let mut failure = None;
+                engine
+                    .store()
+                    .write_flag_state(tenant, environment, |state, now| {
+                        let mut env: FlagEnvironment = match serde_json::from_value(state.clone()) {
+                            Ok(env) => env,
+                            Err(e) => {
+                                failure = Some(FlagError::Invalid(format!("stored flags: {e}")));
+                                return None;
+                            }
+                        };
+                        match op(&mut env, now) {
+                            Ok((r, events)) => {
+                                result = Some(r);
+                                let bodies = events.into_iter().map(|e| e.into_body(environment)).collect();
+                                Some((serde_json::to_value(&env).unwrap_or_default(), bodies))
+                            }
+                            Err(e) => {
+                                failure = Some(e);
+                                None
+                            }
+                        }
+                    })
+                    .await?;
+                match (result, failure) {
+                    (Some(r), _) => Ok(r),
+                    (None, Some(e)) => Err(e.into()),
+                    (None, None) => Err(ApiError::Missing(format!("environment `{environment}` not found"))),
+                }
             }
         }
     }

@@ -55,6 +55,15 @@ pub enum ApiError {
     /// The requested source is not configured on this gateway.
     #[error("{0}")]
     SourceNotConfigured(String),
+    /// No such flag, rule, segment or environment.
+    #[error("{0}")]
+    Missing(String),
+    /// It exists already, or is still in use.
+    #[error("{0}")]
+    Conflict(String),
+    /// `If-Match` named a version that is not the current one.
+    #[error("{0}")]
+    VersionMismatch(String),
     /// No such route.
     #[error("no route for {0}")]
     NotFound(String),
@@ -85,7 +94,9 @@ impl ApiError {
             Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::CollectionsNeedDatabase(_) | Self::SourceNotConfigured(_) => StatusCode::NOT_IMPLEMENTED,
-            Self::CollectionNotEnabled(_) => StatusCode::NOT_FOUND,
+            Self::CollectionNotEnabled(_) | Self::Missing(_) => StatusCode::NOT_FOUND,
+            Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::VersionMismatch(_) => StatusCode::PRECONDITION_FAILED,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -106,6 +117,9 @@ impl ApiError {
             Self::CollectionsNeedDatabase(_) => "collections_need_database",
             Self::SourceNotConfigured(_) => "source_not_configured",
             Self::CollectionNotEnabled(_) => "collection_not_enabled",
+            Self::Missing(_) => "not_found",
+            Self::Conflict(_) => "conflict",
+            Self::VersionMismatch(_) => "version_mismatch",
             Self::NotFound(_) => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::Unavailable(_) => "unavailable",

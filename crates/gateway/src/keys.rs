@@ -68,16 +68,24 @@ pub fn parse_key_file(json: &str) -> Result<MemoryKeys, KeyFileError> {
     Ok(keys)
 }
 
-/// Fresh `anon`, `publish` and `service` keys for tenant `dev`.
+/// Fresh `anon`, `publish`, `service` keys for tenant `dev`, and an `sdk` key for its
+/// `development` environment.
 pub fn dev_keys() -> (MemoryKeys, Vec<ApiKey>) {
     let mut keys = MemoryKeys::default();
     let mut issued = Vec::new();
-    for scope in [Scope::Anon, Scope::Publish, Scope::Service] {
+    for scope in [Scope::Anon, Scope::Publish, Scope::Service, Scope::Sdk] {
         let key = ApiKey::generate(scope);
-        keys.insert(record(&key, dev_tenant(), None, false));
+        let environment = (scope == Scope::Sdk).then(dev_environment);
+        keys.insert(record(&key, dev_tenant(), environment, false));
         issued.push(key);
     }
     (keys, issued)
+}
+
+/// The environment the dev tenant's `sdk` key belongs to.
+pub fn dev_environment() -> EnvironmentId {
+    #[allow(clippy::expect_used)]
+    EnvironmentId::parse("development").expect("`development` is a valid environment id")
 }
 
 /// The tenant the memory engine creates when no key file is given.

@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod engine;
 pub mod error;
+pub mod flag_routes;
 pub mod jwt;
 pub mod keys;
 pub mod routes;
@@ -67,7 +68,14 @@ pub fn memory_state(
     limits: Limits,
 ) -> AppState {
     let engine = changegate_core::MemoryEngine::new(retention, hub);
-    state(Engine::Memory { engine, keys }, jwt, limits, CancellationToken::new())
+    // Environments named by keys exist from the start.
+    let flags = changegate_flags::memory::MemoryFlags::default();
+    for record in keys.records() {
+        if let Some(environment) = &record.environment {
+            flags.create_environment(&record.tenant, environment);
+        }
+    }
+    state(Engine::Memory { engine, keys, flags }, jwt, limits, CancellationToken::new())
 }
 
 /// Builds the state around any engine; `closing` ends every stream when cancelled.

@@ -126,6 +126,15 @@ struct Serve {
     /// Heartbeat comment interval on realtime streams.
     #[arg(long, env = "CHANGEGATE_HEARTBEAT", default_value = "15s", value_parser = duration)]
     heartbeat: Duration,
+    /// Heartbeat interval of `/api/v1/stream` (comment lines).
+    #[arg(long, env = "CHANGEGATE_HEARTBEAT_FLAGS_A", default_value = "30s", value_parser = duration)]
+    heartbeat_flags_a: Duration,
+    /// Ping interval of `/stream` (`event: ping`).
+    #[arg(long, env = "CHANGEGATE_HEARTBEAT_FLAGS_B", default_value = "30s", value_parser = duration)]
+    heartbeat_flags_b: Duration,
+    /// Heartbeat interval of `/api/v1/flags/events` (`event: heartbeat`).
+    #[arg(long, env = "CHANGEGATE_HEARTBEAT_FLAGS_C", default_value = "15s", value_parser = duration)]
+    heartbeat_flags_c: Duration,
     /// Reconnect delay announced to clients with `retry:`.
     #[arg(long, env = "CHANGEGATE_RETRY", default_value = "2s", value_parser = duration)]
     retry: Duration,
@@ -233,7 +242,12 @@ async fn admin(command: Command, url: Option<&str>) -> anyhow::Result<()> {
 }
 
 async fn serve(args: Serve, database_url: Option<String>) -> anyhow::Result<()> {
-    let limits = Limits { heartbeat: args.heartbeat, retry: args.retry, max_body: args.max_body };
+    let limits = Limits {
+        heartbeat: args.heartbeat,
+        retry: args.retry,
+        max_body: args.max_body,
+        flags_heartbeat: [args.heartbeat_flags_a, args.heartbeat_flags_b, args.heartbeat_flags_c],
+    };
     let jwt = args.jwt_secret.as_deref().map(|s| JwtVerifier::new(s.as_bytes()));
     let hub = HubConfig { buffer: args.buffer, grace: args.grace };
     let state = match database_url.as_deref() {

@@ -12,7 +12,6 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use changegate_core::auth::Action;
-use changegate_core::event::Dialect;
 use changegate_core::memory::Replay;
 use changegate_core::{CollectionName, Feed, FeedKey, Filter, Position, Topic, TopicPattern};
 use serde::Deserialize;
@@ -34,6 +33,8 @@ pub struct Limits {
     pub retry: Duration,
     /// Largest accepted publish body, in bytes.
     pub max_body: usize,
+    /// Heartbeat intervals of the flag dialects A, B and C.
+    pub flags_heartbeat: [Duration; 3],
 }
 
 /// Shared state of every route.
@@ -89,6 +90,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/events/publish", post(publish))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .merge(crate::flag_routes::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(access_log))
@@ -231,8 +233,30 @@ async fn subscribe(
         }
     };
     let resume = resume_position(&headers, query.last_event_id.as_deref())?;
-    let key = FeedKey { tenant: principal.tenant, feed };
+    let key = FeedKey { tenant: principal.tenant.clone(), feed };
+    let resume = resume.map(Resume::After);
+    open_stream(&app, &principal, key, filter, resume, sse::Wire::Realtime, app.limits.heartbeat).await
+}
 
+/// Where a stream starts.
+pub enum Resume {
+    /// After this position (`Last-Event-ID`).
+    After(Position),
+    /// At this time, in epoch milliseconds (dialect C's ids); replayed events may repeat the
+    /// one the client saw last.
+    Since(u64),
+}
+
+/// Subscribes, replays what the client missed, and streams the rest in `wire`'s dialect.
+pub async fn open_stream(
+    app: &AppState,
+    principal: &changegate_core::Principal,
+    key: FeedKey,
+    filter: Filter,
+    resume: Option<Resume>,
+    mut wire: sse::Wire,
+    heartbeat: Duration,
+) -> Result<Response, ApiError> {
     // Subscribe before reading the log: every event is then in the replay, the live stream,
     // or both (and the duplicates are skipped by position).
     let subscription = app
@@ -243,26 +267,33 @@ async fn subscribe(
         .map_err(|e| ApiError::Unavailable(e.to_string()))?;
     let mut prelude = vec![sse::hello(app.limits.retry)];
     let mut after = None;
-    if let Some(position) = resume {
-        match app.engine.replay(&key, &filter, position).await? {
-            Replay::Events(frames) => {
-                prelude.extend(frames.iter().map(|f| f.encoded(Dialect::Realtime, sse::encode_realtime)));
-                after = Some(frames.last().map_or(position, |f| f.position()));
-            }
+    let mut replayed = |frames: Vec<Arc<changegate_core::Frame>>, from: Option<Position>| {
+        prelude.extend(frames.iter().map(|f| wire.encode(f)).filter(|b| !b.is_empty()));
+        frames.last().map(|f| f.position()).or(from)
+    };
+    match resume {
+        None => {}
+        Some(Resume::After(position)) => match app.engine.replay(&key, &filter, position).await? {
+            Replay::Events(frames) => after = replayed(frames, Some(position)),
             Replay::Reset => {
                 let head = app.engine.head(&key).await?;
                 prelude.push(sse::reset(head));
                 after = Some(head);
             }
+        },
+        Some(Resume::Since(ms)) => {
+            let frames = app.engine.replay_since(&key, &filter, ms).await?;
+            after = replayed(frames, None);
         }
     }
     Ok(sse::response(sse::Connection {
         prelude,
         subscription,
         after,
-        heartbeat: app.limits.heartbeat,
+        heartbeat,
         retry: app.limits.retry,
         closing: app.revocations.token(principal.key_id.as_deref(), &app.closing),
+        wire,
     }))
 }
 

@@ -15,7 +15,8 @@ use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use changegate_core::event::Dialect;
-use changegate_core::{Event, EventBody, Frame, Position, ResetReason, Subscription, Topic};
+use changegate_core::{Event, EventBody, Frame, Position, ResetReason, Subscription, Timestamp, Topic};
+use changegate_flags::dialect;
 use serde::Serialize;
 use serde_json::Value;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -96,6 +97,54 @@ pub struct Connection {
     pub retry: Duration,
     /// Cancelled on shutdown (and, per connection, when its key is revoked).
     pub closing: CancellationToken,
+    /// The dialect.
+    pub wire: Wire,
+}
+
+/// The dialect a connection speaks: how events are encoded and what its heartbeat is.
+#[derive(Clone, Copy, Debug)]
+pub enum Wire {
+    /// `/v1/events/subscribe`.
+    Realtime,
+    /// `/api/v1/stream`.
+    FlagsA,
+    /// `/stream`.
+    FlagsB,
+    /// `/api/v1/flags/events`: ids are epoch milliseconds, strictly increasing per connection.
+    FlagsC {
+        /// The last id sent on this connection.
+        last_id: u64,
+    },
+}
+
+impl Wire {
+    /// The event's bytes in this dialect (shared between connections except for dialect C's
+    /// per-connection `id:` line); empty when the dialect does not show the event.
+    pub fn encode(&mut self, frame: &Frame) -> Bytes {
+        match self {
+            Self::Realtime => frame.encoded(Dialect::Realtime, encode_realtime),
+            Self::FlagsA => frame.encoded(Dialect::FlagsA, dialect::encode_a),
+            Self::FlagsB => frame.encoded(Dialect::FlagsB, dialect::encode_b),
+            Self::FlagsC { last_id } => {
+                let block = frame.encoded(Dialect::FlagsC, dialect::encode_c);
+                if block.is_empty() {
+                    return block;
+                }
+                // Epoch milliseconds of the change, bumped past the previous id on a collision.
+                let id = frame.event().at.as_millis().max(*last_id + 1);
+                *last_id = id;
+                dialect::with_id_c(&block, id)
+            }
+        }
+    }
+
+    fn heartbeat(&self) -> Bytes {
+        match self {
+            Self::Realtime | Self::FlagsA => Bytes::from_static(HEARTBEAT),
+            Self::FlagsB => dialect::ping_b(Timestamp::now()),
+            Self::FlagsC { .. } => Bytes::from_static(dialect::HEARTBEAT_C),
+        }
+    }
 }
 
 enum Step {
@@ -113,6 +162,7 @@ struct State {
     // Created once: polling a fresh `cancelled()` future on every wake-up takes the token's
     // lock each time, which showed up in the fan-out profile.
     closing: Pin<Box<WaitForCancellationFutureOwned>>,
+    wire: Wire,
     done: bool,
 }
 
@@ -135,25 +185,31 @@ impl State {
                 biased;
                 () = &mut self.closing => return Step::Finish(retry(self.retry)),
                 received = self.subscription.recv() => match received {
-                    Ok(Some(frame)) if self.fresh(&frame) => return self.batch(&frame),
+                    Ok(Some(frame)) if self.fresh(&frame) => {
+                        if let Some(step) = self.batch(&frame) {
+                            return step;
+                        }
+                    }
                     Ok(Some(_)) => continue,
                     Ok(None) => return Step::End,
                     Err(_lagged) => return Step::Finish(lagged(self.retry)),
                 },
-                _ = self.heartbeat.tick() => return Step::Send(Bytes::from_static(HEARTBEAT)),
+                _ = self.heartbeat.tick() => return Step::Send(self.wire.heartbeat()),
             }
         }
     }
 
-    /// The frame plus any others already waiting, in one write.
-    fn batch(&mut self, first: &Arc<Frame>) -> Step {
-        let first = first.encoded(Dialect::Realtime, encode_realtime);
+    /// The frame plus any others already waiting, in one write; `None` if the dialect shows
+    /// none of them.
+    fn batch(&mut self, first: &Arc<Frame>) -> Option<Step> {
+        let first = self.wire.encode(first);
         let mut out: Option<BytesMut> = None;
         for _ in 0..COALESCE {
             match self.subscription.try_recv() {
                 Ok(Some(frame)) if self.fresh(&frame) => {
+                    let next = self.wire.encode(&frame);
                     let out = out.get_or_insert_with(|| BytesMut::from(&first[..]));
-                    out.extend_from_slice(&frame.encoded(Dialect::Realtime, encode_realtime));
+                    out.extend_from_slice(&next);
                 }
                 Ok(Some(_)) => continue,
                 Ok(None) => break,
@@ -161,7 +217,8 @@ impl State {
                 Err(_lagged) => break,
             }
         }
-        Step::Send(out.map_or(first, BytesMut::freeze))
+        let bytes = out.map_or(first, BytesMut::freeze);
+        (!bytes.is_empty()).then_some(Step::Send(bytes))
     }
 }
 
@@ -174,7 +231,7 @@ fn lagged(after: Duration) -> Bytes {
 
 /// The streaming response for a connection.
 pub fn response(connection: Connection) -> Response {
-    let Connection { prelude, subscription, after, heartbeat, retry, closing } = connection;
+    let Connection { prelude, subscription, after, heartbeat, retry, closing, wire } = connection;
     let mut ticker = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let state = State {
@@ -184,6 +241,7 @@ pub fn response(connection: Connection) -> Response {
         heartbeat: ticker,
         retry,
         closing: Box::pin(closing.cancelled_owned()),
+        wire,
         done: false,
     };
     let stream = futures_util::stream::unfold(state, |mut state| async move {

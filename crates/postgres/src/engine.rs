@@ -109,6 +109,17 @@ impl PgEngine {
         ))
     }
 
+    /// The retained events of `key` committed at or after `since_ms` (epoch milliseconds).
+    pub async fn replay_since(
+        &self,
+        key: &FeedKey,
+        filter: &Filter,
+        since_ms: u64,
+    ) -> Result<Vec<Arc<Frame>>, PgError> {
+        let events = self.store.replay_since(&channel(key), &key.tenant, since_ms, self.epoch).await?;
+        Ok(events.into_iter().filter(|e| filter.matches(e)).map(|e| Arc::new(Frame::new(e))).collect())
+    }
+
     /// Where a client continues after a `reset` on `key`.
     pub async fn head(&self, key: &FeedKey) -> Result<Position, PgError> {
         Ok(Position::new(self.epoch, self.store.head(&channel(key)).await?))

@@ -2,8 +2,8 @@
 //! events of the shared model.
 
 use changegate_core::{
-    CollectionName, Epoch, Event, EventBody, Op, Position, ResetReason, SourceKind, TenantId, Timestamp,
-    Topic,
+    CollectionName, ConfigReason, EnvironmentId, Epoch, Event, EventBody, FlagEventKind, Op, Position,
+    ResetReason, SourceKind, TenantId, Timestamp, Topic,
 };
 use serde::Deserialize;
 use serde_json::Value;
@@ -84,6 +84,26 @@ pub(crate) fn row(text: &str, epoch: Epoch) -> Result<Event, PgError> {
             document: row.payload,
         },
         "reset" => EventBody::Reset { reason: ResetReason::Truncated },
+        "flag" => {
+            let p = &row.payload;
+            let text = |name: &str| p.get(name).and_then(Value::as_str).unwrap_or_default();
+            EventBody::Flag {
+                environment: EnvironmentId::parse(text("environment")).map_err(|e| bad(&e.to_string()))?,
+                kind: FlagEventKind::parse(text("type")).ok_or_else(|| bad("unknown flag event type"))?,
+                flag_key: text("flag_key").to_owned(),
+                version: p.get("version").and_then(Value::as_u64).unwrap_or(0),
+                flag: p.get("flag").cloned().unwrap_or(Value::Null),
+            }
+        }
+        "config" => {
+            let p = &row.payload;
+            let environment = match p.get("environment").and_then(Value::as_str) {
+                Some(e) => Some(EnvironmentId::parse(e).map_err(|e| bad(&e.to_string()))?),
+                None => None,
+            };
+            let reason = p.get("reason").and_then(Value::as_str).and_then(ConfigReason::parse);
+            EventBody::Config { environment, reason: reason.ok_or_else(|| bad("unknown config reason"))? }
+        }
         _ => return Err(bad("unknown kind")),
     };
     let seq = u64::try_from(seq).map_err(|_| bad("negative seq"))?;

@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use changegate_core::{
-    ApiKey, CollectionName, EnvironmentId, Epoch, Event, KeyHash, KeyRecord, Scope, TenantId, Topic,
+    ApiKey, CollectionName, EnvironmentId, Epoch, Event, EventBody, Feed, FeedKey, KeyHash, KeyRecord, Scope,
+    TenantId, Timestamp, Topic,
 };
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use serde_json::Value;
@@ -253,6 +254,121 @@ impl Store {
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
+    /// The tenant's environments.
+    pub async fn environments(&self, tenant: &TenantId) -> Result<Vec<String>, PgError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "select name from realtime.environments where tenant = $1 order by name",
+                &[&tenant.as_str()],
+            )
+            .await
+            .map_err(PgError::query("listing environments"))?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Creates an environment if it does not exist; `true` if it was created.
+    pub async fn ensure_environment(
+        &self,
+        tenant: &TenantId,
+        environment: &EnvironmentId,
+    ) -> Result<bool, PgError> {
+        let created = self
+            .client()
+            .await?
+            .execute(
+                "insert into realtime.environments (tenant, name) values ($1, $2) on conflict do nothing",
+                &[&tenant.as_str(), &environment.as_str()],
+            )
+            .await
+            .map_err(invalid_or("creating the environment"))?;
+        Ok(created == 1)
+    }
+
+    /// One environment's flag document (`{}` when it has none yet).
+    pub async fn flag_state(&self, tenant: &TenantId, environment: &EnvironmentId) -> Result<Value, PgError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "select coalesce((select state::text from realtime.flag_state where tenant = $1 and environment = $2), '{}')
+                 from realtime.environments where tenant = $1 and name = $2",
+                &[&tenant.as_str(), &environment.as_str()],
+            )
+            .await
+            .map_err(PgError::query("reading flags"))?
+            .ok_or_else(|| PgError::Invalid(format!("environment `{environment}` does not exist")))?;
+        serde_json::from_str(row.get(0)).map_err(|e| PgError::Invalid(format!("stored flags: {e}")))
+    }
+
+    /// Reads one environment's flag document under a row lock, lets `apply` compute the new
+    /// document and its events, and writes both in one transaction (the events are numbered
+    /// at commit like every change). `apply` returning `None` changes nothing; so does a
+    /// missing environment (`apply` is then not called).
+    pub async fn write_flag_state(
+        &self,
+        tenant: &TenantId,
+        environment: &EnvironmentId,
+        apply: impl FnOnce(&Value, &str) -> Option<(Value, Vec<EventBody>)>,
+    ) -> Result<(), PgError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(PgError::query("writing flags"))?;
+        let (t, e) = (tenant.as_str(), environment.as_str());
+        tx.batch_execute("set local realtime.flag_api = 'on'")
+            .await
+            .map_err(PgError::query("writing flags"))?;
+        tx.execute(
+            "insert into realtime.flag_state (tenant, environment)
+             select tenant, name from realtime.environments where tenant = $1 and name = $2
+             on conflict do nothing",
+            &[&t, &e],
+        )
+        .await
+        .map_err(PgError::query("writing flags"))?;
+        let Some(row) = tx
+            .query_opt(
+                "select state::text from realtime.flag_state where tenant = $1 and environment = $2 for update",
+                &[&t, &e],
+            )
+            .await
+            .map_err(PgError::query("locking flags"))?
+        else {
+            return Ok(());
+        };
+        let state: Value =
+            serde_json::from_str(row.get(0)).map_err(|e| PgError::Invalid(format!("stored flags: {e}")))?;
+        let Some((state, events)) = apply(&state, &Timestamp::now().rfc3339()) else { return Ok(()) };
+        tx.execute(
+            "update realtime.flag_state set state = $3::text::jsonb where tenant = $1 and environment = $2",
+            &[&t, &e, &state.to_string()],
+        )
+        .await
+        .map_err(PgError::query("writing flags"))?;
+        let channel = crate::channel(&FeedKey { tenant: tenant.clone(), feed: Feed::Flags });
+        for event in events {
+            let (kind, payload) = match event {
+                EventBody::Flag { environment, kind, flag_key, version, flag } => (
+                    "flag",
+                    serde_json::json!({"environment": environment, "type": kind.as_str(), "flag_key": flag_key,
+                                       "version": version, "flag": flag}),
+                ),
+                EventBody::Config { environment, reason } => {
+                    ("config", serde_json::json!({"environment": environment, "reason": reason.as_str()}))
+                }
+                _ => continue,
+            };
+            tx.execute(
+                "select realtime.enqueue($1, $2, $3, null, null, null, null, $4::text::jsonb)",
+                &[&channel, &t, &kind, &payload.to_string()],
+            )
+            .await
+            .map_err(PgError::query("logging flag events"))?;
+        }
+        tx.commit().await.map_err(PgError::query("committing flags"))?;
+        Ok(())
+    }
+
     /// `select realtime.enable(table, tenant_column)`.
     pub async fn enable_table(&self, table: &str, tenant_column: &str) -> Result<(), PgError> {
         self.client()
@@ -338,6 +454,29 @@ impl Store {
                 "select realtime.row_json(o) from realtime.outbox o
                  where channel = $1 and tenant = $2 and seq > $3 order by seq",
                 &[&channel, &tenant.as_str(), &after],
+            )
+            .await
+            .map_err(PgError::query(format!("replaying for tenant {tenant}")))?;
+        rows.iter().map(|r| event::row(r.get(0), epoch)).collect()
+    }
+
+    /// Every committed event of `channel` (and `tenant`) at or after `since_ms`, in order.
+    pub async fn replay_since(
+        &self,
+        channel: &str,
+        tenant: &TenantId,
+        since_ms: u64,
+        epoch: Epoch,
+    ) -> Result<Vec<Event>, PgError> {
+        let since = since_ms as f64 / 1000.0;
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "select realtime.row_json(o) from realtime.outbox o
+                 where channel = $1 and tenant = $2 and seq is not null
+                   and committed_at >= to_timestamp($3) order by seq",
+                &[&channel, &tenant.as_str(), &since],
             )
             .await
             .map_err(PgError::query(format!("replaying for tenant {tenant}")))?;

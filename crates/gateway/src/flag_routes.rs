@@ -1,0 +1,441 @@
+//! Flag management (`/v1/environments`, `/v1/flags…`, `/v1/segments…`) and the three flag-stream
+//! dialects (`/api/v1/stream`, `/stream`, `/api/v1/flags/events`), all on the shared event model.
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use changegate_core::auth::Action;
+use changegate_core::{EnvironmentId, Feed, FeedKey, Filter, Principal};
+use changegate_flags::{FlagSpec, NewFlag, Rule, SegmentSpec};
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+use crate::auth::{QueryKey, authenticate};
+use crate::error::ApiError;
+use crate::routes::{AppState, Resume, open_stream};
+use crate::sse::Wire;
+
+/// The flag routes.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/environments", get(list_environments).post(create_environment))
+        .route("/v1/flags", get(list_flags).post(create_flag))
+        .route("/v1/flags/{key}", get(get_flag).put(replace_flag).patch(patch_flag).delete(delete_flag))
+        .route("/v1/flags/{key}/rules", axum::routing::post(add_rule))
+        .route("/v1/flags/{key}/rules/{id}", axum::routing::put(replace_rule).delete(delete_rule))
+        .route("/v1/segments", get(list_segments).post(create_segment))
+        .route("/v1/segments/{key}", get(get_segment).put(replace_segment).delete(delete_segment))
+        .route("/api/v1/stream", get(stream_a))
+        .route("/stream", get(stream_b))
+        .route("/api/v1/flags/events", get(stream_c))
+}
+
+fn query_param(raw: Option<&str>, name: &str) -> Result<Option<String>, ApiError> {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.unwrap_or(""))
+        .map_err(|_| ApiError::bad_request("invalid_query", "the query string is not valid URL encoding"))?;
+    Ok(pairs.into_iter().find(|(n, _)| n == name).map(|(_, v)| v))
+}
+
+async fn manager(app: &AppState, headers: &HeaderMap, raw: Option<&str>) -> Result<Principal, ApiError> {
+    let apikey = query_param(raw, "apikey")?;
+    authenticate(
+        &app.engine,
+        app.jwt.as_ref(),
+        headers,
+        apikey.as_deref(),
+        QueryKey::Refused,
+        Action::ManageFlags,
+    )
+    .await
+}
+
+/// The environment a management request acts on: `?environment=`, or the key's own; a key
+/// limited to one environment cannot act on another.
+fn environment(principal: &Principal, raw: Option<&str>) -> Result<EnvironmentId, ApiError> {
+    let asked = query_param(raw, "environment")?;
+    let asked = asked
+        .as_deref()
+        .map(EnvironmentId::parse)
+        .transpose()
+        .map_err(|e| ApiError::bad_request("invalid_environment", e.to_string()))?;
+    match (asked, &principal.environment) {
+        (Some(asked), Some(own)) if asked != *own => {
+            Err(ApiError::Forbidden(format!("this key is limited to environment `{own}`")))
+        }
+        (Some(asked), _) => Ok(asked),
+        (None, Some(own)) => Ok(own.clone()),
+        (None, None) => {
+            Err(ApiError::bad_request("invalid_query", "say which environment: `?environment=production`"))
+        }
+    }
+}
+
+fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    let Some(value) = headers.get(header::IF_MATCH) else { return Ok(None) };
+    let text = value.to_str().unwrap_or_default().trim();
+    let text = text.strip_prefix("W/").unwrap_or(text).trim_matches('"');
+    text.parse().map(Some).map_err(|_| {
+        ApiError::bad_request(
+            "invalid_if_match",
+            "If-Match must be the version you read (the ETag), e.g. \"3\"",
+        )
+    })
+}
+
+fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad_request("invalid_json", format!("the body is not valid: {e}")))
+}
+
+fn versioned(status: StatusCode, value: &impl serde::Serialize, version: u64) -> Response {
+    let mut response = (status, axum::Json(value)).into_response();
+    if let Ok(etag) = HeaderValue::from_str(&format!("\"{version}\"")) {
+        response.headers_mut().insert(header::ETAG, etag);
+    }
+    response
+}
+
+async fn list_environments(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let principal = manager(&app, &headers, raw.as_deref()).await?;
+    let environments = app.engine.environments(&principal.tenant).await?;
+    Ok(axum::Json(json!({ "environments": environments })).into_response())
+}
+
+async fn create_environment(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+    bytes: Bytes,
+) -> Result<Response, ApiError> {
+    let principal = manager(&app, &headers, raw.as_deref()).await?;
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct NewEnvironment {
+        name: String,
+    }
+    let new: NewEnvironment = body(&bytes)?;
+    let name = EnvironmentId::parse(&new.name)
+        .map_err(|e| ApiError::bad_request("invalid_environment", e.to_string()))?;
+    if principal.environment.is_some() {
+        return Err(ApiError::Forbidden(
+            "a key limited to one environment cannot create environments".into(),
+        ));
+    }
+    if !app.engine.create_environment(&principal.tenant, &name).await? {
+        return Err(ApiError::Conflict(format!("environment `{name}` already exists")));
+    }
+    Ok((StatusCode::CREATED, axum::Json(json!({ "name": name }))).into_response())
+}
+
+async fn list_flags(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let principal = manager(&app, &headers, raw.as_deref()).await?;
+    let env = environment(&principal, raw.as_deref())?;
+    let state = app.engine.flags(&principal.tenant, &env).await?;
+    Ok(axum::Json(json!({ "flags": state.flags.values().collect::<Vec<_>>() })).into_response())
+}
+
+async fn create_flag(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+    bytes: Bytes,
+) -> Result<Response, ApiError> {
+    let principal = manager(&app, &headers, raw.as_deref()).await?;
+    let env = environment(&principal, raw.as_deref())?;
+    let new: NewFlag = body(&bytes)?;
+    let name = env.to_string();
+    let flag = app
+        .engine
+        .write_flags(&principal.tenant, &env, move |state, now| state.create_flag(&name, new, now))
+        .await?;
+    Ok(versioned(StatusCode::CREATED, &flag, flag.version))
+}
+
+async fn get_flag(
+    State(app): State<AppState>,
+    Path(key): Path<String>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let principal = manager(&app, &headers, raw.as_deref()).await?;
+    let env = environment(&principal, raw.as_deref())?;
+    let state = app.engine.flags(&principal.tenant, &env).await?;
+    let flag = state.flags.get(&key).ok_or_else(|| ApiError::Missing(format!("flag `{key}` not found")))?;
+    Ok(versioned(StatusCode::OK, flag, flag.version))
+}
+
+async fn replace_flag(
+    State(app): State<AppState>,
+    Path(key): Path<String>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+    bytes: Bytes,
+) -> Result<Response, ApiError> {
+    let principal = manager(&app, &headers, raw.as_deref()).await?;
+    let env = environment(&principal, raw.as_deref())?;
+    let spec: FlagSpec = body(&bytes)?;
+    let expected = if_match(&headers)?;
+    let flag = app
+        .engine
+        .write_flags(&principal.tenant, &env, move |state, now| state.replace_flag(&key, spec, expected, now))
+        .await?;
+    Ok(versioned(StatusCode::OK, &flag, flag.version))
+}
+
+async fn patch_flag(
+    State(app): State<AppState>,
+    Path(key): Path<String>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+    bytes: Bytes,
+) -> Result<Response, ApiError> {
+    let principal = manager(&app, &headers, raw.as_deref()).await?;
+    let env = environment(&principal, raw.as_deref())?;
+    let patch: Value = body(&bytes)?;
+    let expected = if_match(&headers)?;
+    let flag = app
+        .engine
+        .write_flags(&principal.tenant, &env, move |state, now| state.patch_flag(&key, &patch, expected, now))
+        .await?;
+    Ok(versioned(StatusCode::OK, &flag, flag.version))
+}
+
+async fn delete_flag(
+    State(app): State<AppState>,
+    Path(key): Path<String>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let principal = manager(&app, &headers, raw.as_deref()).await?;
+    let env = environment(&principal, raw.as_deref())?;
+    let expected = if_match(&headers)?;
+    app.engine
+        .write_flags(&principal.tenant, &env, move |state, _| Ok(((), state.delete_flag(&key, expected)?)))
+        .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn add_rule(
+    State(app): State<AppState>,
+    Path(key): Path<String>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+    bytes: Bytes,
+) -> Result<Response, ApiError> {
+    let principal = manager(&app, &headers, raw.as_deref()).await?;
+    let env = environment(&principal, raw.as_deref())?;
+    let rule: Rule = body(&bytes)?;
+    let expected = if_match(&headers)?;
+    let flag = app
+        .engine
+        .write_flags(&principal.tenant, &env, move |state, now| state.add_rule(&key, rule, expected, now))
+        .await?;
+    Ok(versioned(StatusCode::CREATED, &flag, flag.version))
+}
+
+async fn replace_rule(
+    State(app): State<AppState>,
+    Path((key, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+    bytes: Bytes,
+) -> Result<Response, ApiError> {
+    let principal = manager(&app, &headers, raw.as_deref()).await?;
+    let env = environment(&principal, raw.as_deref())?;
+    let mut rule: Value = body(&bytes)?;
+    // The id comes from the path; a body may omit it.
+    if let Some(object) = rule.as_object_mut() {
+        object.insert("id".into(), Value::String(id.clone()));
+    }
+    let rule: Rule =
+        serde_json::from_value(rule).map_err(|e| ApiError::bad_request("invalid_json", e.to_string()))?;
+    let expected = if_match(&headers)?;
+    let flag = app
+        .engine
+        .write_flags(&principal.tenant, &env, move |state, now| {
+            state.replace_rule(&key, &id, rule, expected, now)
+        })
+        .await?;
+    Ok(versioned(StatusCode::OK, &flag, flag.version))
+}
+
+async fn delete_rule(
+    State(app): State<AppState>,
+    Path((key, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let principal = manager(&app, &headers, raw.as_deref()).await?;
+    let env = environment(&principal, raw.as_deref())?;
+    let expected = if_match(&headers)?;
+    let flag = app
+        .engine
+        .write_flags(&principal.tenant, &env, move |state, now| state.delete_rule(&key, &id, expected, now))
+        .await?;
+    Ok(versioned(StatusCode::OK, &flag, flag.version))
+}
+
+async fn list_segments(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let principal = manager(&app, &headers, raw.as_deref()).await?;
+    let env = environment(&principal, raw.as_deref())?;
+    let state = app.engine.flags(&principal.tenant, &env).await?;
+    Ok(axum::Json(json!({ "segments": state.segments.values().collect::<Vec<_>>() })).into_response())
+}
+
+async fn create_segment(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+    bytes: Bytes,
+) -> Result<Response, ApiError> {
+    let principal = manager(&app, &headers, raw.as_deref()).await?;
+    let env = environment(&principal, raw.as_deref())?;
+    let spec: SegmentSpec = body(&bytes)?;
+    let key =
+        spec.key.clone().ok_or_else(|| ApiError::bad_request("invalid_json", "a segment needs a `key`"))?;
+    let name = env.to_string();
+    let segment = app
+        .engine
+        .write_flags(&principal.tenant, &env, move |state, now| {
+            state.put_segment(&name, &key, spec, None, true, now)
+        })
+        .await?;
+    Ok(versioned(StatusCode::CREATED, &segment, segment.version))
+}
+
+async fn get_segment(
+    State(app): State<AppState>,
+    Path(key): Path<String>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let principal = manager(&app, &headers, raw.as_deref()).await?;
+    let env = environment(&principal, raw.as_deref())?;
+    let state = app.engine.flags(&principal.tenant, &env).await?;
+    let segment =
+        state.segments.get(&key).ok_or_else(|| ApiError::Missing(format!("segment `{key}` not found")))?;
+    Ok(versioned(StatusCode::OK, segment, segment.version))
+}
+
+async fn replace_segment(
+    State(app): State<AppState>,
+    Path(key): Path<String>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+    bytes: Bytes,
+) -> Result<Response, ApiError> {
+    let principal = manager(&app, &headers, raw.as_deref()).await?;
+    let env = environment(&principal, raw.as_deref())?;
+    let spec: SegmentSpec = body(&bytes)?;
+    let expected = if_match(&headers)?;
+    let name = env.to_string();
+    let segment = app
+        .engine
+        .write_flags(&principal.tenant, &env, move |state, now| {
+            state.put_segment(&name, &key, spec, expected, false, now)
+        })
+        .await?;
+    Ok(versioned(StatusCode::OK, &segment, segment.version))
+}
+
+async fn delete_segment(
+    State(app): State<AppState>,
+    Path(key): Path<String>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let principal = manager(&app, &headers, raw.as_deref()).await?;
+    let env = environment(&principal, raw.as_deref())?;
+    let expected = if_match(&headers)?;
+    app.engine
+        .write_flags(&principal.tenant, &env, move |state, _| Ok(((), state.delete_segment(&key, expected)?)))
+        .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// A flag-stream reader: JWT (every environment) or an `sdk`/`stream` key (its environment).
+async fn reader(
+    app: &AppState,
+    headers: &HeaderMap,
+    raw: Option<&str>,
+) -> Result<(Principal, FeedKey, Filter), ApiError> {
+    let apikey = query_param(raw, "apikey")?;
+    let principal = authenticate(
+        &app.engine,
+        app.jwt.as_ref(),
+        headers,
+        apikey.as_deref(),
+        QueryKey::Allowed,
+        Action::ReadFlags,
+    )
+    .await?;
+    let key = FeedKey { tenant: principal.tenant.clone(), feed: Feed::Flags };
+    let filter = Filter::Environment(principal.environment.clone());
+    Ok((principal, key, filter))
+}
+
+fn position_resume(headers: &HeaderMap) -> Result<Option<Resume>, ApiError> {
+    let Some(value) = headers.get("last-event-id") else { return Ok(None) };
+    let text = value.to_str().unwrap_or_default().trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    text.parse().map(|p| Some(Resume::After(p))).map_err(|_| {
+        ApiError::bad_request("invalid_last_event_id", "Last-Event-ID is not an id this stream sent")
+    })
+}
+
+async fn stream_a(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let (principal, key, filter) = reader(&app, &headers, raw.as_deref()).await?;
+    let resume = position_resume(&headers)?;
+    open_stream(&app, &principal, key, filter, resume, Wire::FlagsA, app.limits.flags_heartbeat[0]).await
+}
+
+async fn stream_b(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let (principal, key, filter) = reader(&app, &headers, raw.as_deref()).await?;
+    let resume = position_resume(&headers)?;
+    open_stream(&app, &principal, key, filter, resume, Wire::FlagsB, app.limits.flags_heartbeat[1]).await
+}
+
+async fn stream_c(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let (principal, key, filter) = reader(&app, &headers, raw.as_deref()).await?;
+    let since = match headers.get("last-event-id").map(|v| v.to_str().unwrap_or_default().trim()) {
+        None | Some("") => None,
+        Some(text) => Some(text.parse::<u64>().map_err(|_| {
+            ApiError::bad_request(
+                "invalid_last_event_id",
+                "Last-Event-ID must be the epoch-millisecond id of an event",
+            )
+        })?),
+    };
+    let wire = Wire::FlagsC { last_id: since.unwrap_or(0) };
+    open_stream(&app, &principal, key, filter, since.map(Resume::Since), wire, app.limits.flags_heartbeat[2])
+        .await
+}
