@@ -189,15 +189,27 @@ pub struct FlagSpec {
     pub rules: Option<Vec<Rule>>,
 }
 
-/// `POST /v1/flags` body.
-#[derive(Deserialize, Clone, Debug)]
-#[serde(rename_all = "camelCase")]
+/// `POST /v1/flags` body: `key` plus the [`FlagSpec`] fields.
+#[derive(Clone, Debug)]
 pub struct NewFlag {
     /// The new flag's key.
     pub key: String,
     /// Everything else.
-    #[serde(flatten)]
     pub spec: FlagSpec,
+}
+
+impl NewFlag {
+    /// Reads a `POST /v1/flags` body, refusing unknown fields.
+    pub fn from_value(mut body: Value) -> Result<Self, FlagError> {
+        let key = match body.as_object_mut().and_then(|o| o.remove("key")) {
+            Some(Value::String(key)) => key,
+            Some(_) => return Err(FlagError::Invalid("`key` must be a string".into())),
+            None => return Err(FlagError::Invalid("a flag needs a `key`".into())),
+        };
+        let spec =
+            serde_json::from_value(body).map_err(|e| FlagError::Invalid(format!("invalid flag: {e}")))?;
+        Ok(Self { key, spec })
+    }
 }
 
 /// The editable part of a segment.

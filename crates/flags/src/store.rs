@@ -383,7 +383,7 @@ mod tests {
     use crate::model::{Serve, Weighted};
 
     fn new_flag(key: &str) -> NewFlag {
-        serde_json::from_value(json!({"key": key, "enabled": true})).unwrap()
+        NewFlag::from_value(json!({"key": key, "enabled": true})).unwrap()
     }
 
     fn kinds(events: &[Emit]) -> Vec<String> {
@@ -460,7 +460,7 @@ mod tests {
             ),
         ];
         for (body, reason) in cases {
-            let new: NewFlag = serde_json::from_value(body.clone()).unwrap();
+            let new = NewFlag::from_value(body.clone()).unwrap();
             let error = env.create_flag("prod", new, "t").unwrap_err().to_string();
             assert!(error.contains(reason), "{body}: {error}");
         }

@@ -153,7 +153,8 @@ async fn create_flag(
 ) -> Result<Response, ApiError> {
     let principal = manager(&app, &headers, raw.as_deref()).await?;
     let env = environment(&principal, raw.as_deref())?;
-    let new: NewFlag = body(&bytes)?;
+    let new = NewFlag::from_value(body(&bytes)?)
+        .map_err(|e| ApiError::bad_request("invalid_json", e.to_string()))?;
     let name = env.to_string();
     let flag = app
         .engine

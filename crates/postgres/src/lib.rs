@@ -23,7 +23,7 @@ pub use store::{KeyListing, Store};
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {
     /// A query failed.
-    #[error("{context}: {source}")]
+    #[error("{context}: {}", describe(source))]
     Query {
         /// What changegate was doing.
         context: String,
@@ -48,6 +48,14 @@ pub enum PgError {
         /// What is wrong.
         reason: String,
     },
+}
+
+/// The database's own message for a failed query (tokio-postgres' `Display` says only "db error").
+fn describe(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => error.to_string(),
+    }
 }
 
 impl PgError {

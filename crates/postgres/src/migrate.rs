@@ -6,8 +6,10 @@ use tokio_postgres::Client;
 use crate::PgError;
 
 /// Every migration, in order: (version, name, SQL). The files themselves are idempotent too.
-pub const MIGRATIONS: &[(i32, &str, &str)] =
-    &[(1, "realtime", include_str!("../../../sql/001_realtime.sql"))];
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "realtime", include_str!("../../../sql/001_realtime.sql")),
+    (2, "flags", include_str!("../../../sql/002_flags.sql")),
+];
 
 /// Applies the migrations that have not run yet; returns the versions applied now.
 pub async fn run(client: &mut Client) -> Result<Vec<i32>, PgError> {
