@@ -210,9 +210,11 @@ impl Block {
             .unwrap_or_else(|e| panic!("data is not JSON ({e}): {:?}", self.raw))
     }
 
-    /// Whether this block dispatches an event (it has data).
+    /// Whether this block dispatches an event (it has data) that is not a keep-alive
+    /// (`event: heartbeat` of dialect C, `event: ping` of dialect B).
     pub fn is_event(&self) -> bool {
         self.raw.lines().any(|l| l.starts_with("data:"))
+            && !matches!(self.event(), Some("heartbeat" | "ping"))
     }
 }
 

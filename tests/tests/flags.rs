@@ -171,6 +171,7 @@ both_engines!(
     keys_see_only_their_environment_and_tenants_only_their_flags,
     concurrent_writes_with_the_same_if_match_let_exactly_one_win,
     invalid_flags_and_unknown_things_get_json_errors,
+    a_rotated_key_works_during_its_grace_then_its_streams_close,
 );
 
 fn data(block: &changegate_e2e::Block) -> String {
@@ -461,4 +462,49 @@ async fn a_flag_changed_with_sql_streams_too() {
     );
     let flag = s.admin("GET", "/v1/flags/by-sql?environment=production", None).await;
     assert_eq!(flag["enabled"], true);
+}
+
+/// The id changegate gives a key: `key_` + the first 6 bytes of its SHA-256, in hex.
+fn key_id(key: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(key.as_bytes());
+    format!("key_{}", digest[..6].iter().map(|b| format!("{b:02x}")).collect::<String>())
+}
+
+async fn a_rotated_key_works_during_its_grace_then_its_streams_close(s: Setup) {
+    let mut old_stream = s.stream("/api/v1/flags/events", &[("x-api-key", &s.sdk_prod)]).await;
+    let mut observer = s.stream("/api/v1/flags/events", &[("x-api-key", &s.stream_prod)]).await;
+    let mut staging = s.stream("/api/v1/flags/events", &[("x-api-key", &s.sdk_staging)]).await;
+    let (status, rotated) = s
+        .call(
+            "POST",
+            &format!("/v1/keys/{}/rotate", key_id(&s.sdk_prod)),
+            &s.service,
+            Some(json!({"grace": "1500ms"})),
+            None,
+        )
+        .await;
+    assert_eq!(status, 201, "{rotated}");
+    let new_key = rotated["key"].as_str().unwrap().to_owned();
+    assert!(new_key.starts_with("flc_sdk_") && new_key != s.sdk_prod);
+    // Streams of the environment hear of it; another environment's do not.
+    for sse in [&mut old_stream, &mut observer] {
+        let event = sse.next_event().await;
+        assert_eq!(event.event(), Some("config-updated"));
+        assert_eq!(event.json()["reason"], "api-key-rotated");
+    }
+    staging.assert_quiet(Duration::from_millis(200)).await;
+    // In the grace period both keys work.
+    s.gw.sse("/api/v1/flags/events", &[("x-api-key", &s.sdk_prod)]).await;
+    s.gw.sse("/api/v1/flags/events", &[("x-api-key", &new_key)]).await;
+    // When it ends, the old key's streams close and the old key is refused.
+    let closed = async { while old_stream.next_block().await.is_some() {} };
+    tokio::time::timeout(Duration::from_secs(5), closed)
+        .await
+        .expect("the old key's stream closed after the grace");
+    let (status, body) =
+        s.gw.try_sse("/api/v1/flags/events", &[("x-api-key", &s.sdk_prod)]).await.err().expect("refused");
+    assert_eq!((status, body["error"]["code"].as_str()), (401, Some("revoked_api_key")));
+    s.gw.sse("/api/v1/flags/events", &[("x-api-key", &new_key)]).await;
+    observer.assert_quiet(Duration::from_millis(100)).await;
 }

@@ -169,4 +169,14 @@ async fn the_cli_prints_a_key_once_and_lists_keys_without_secrets() {
         .unwrap()
         .get(0);
     assert_eq!(stored, 0, "the key itself is not stored");
+    // Rotation prints the new key and retires the old one (at once, with no grace).
+    let id = listing.split_whitespace().find_map(|f| f.strip_prefix("id=")).unwrap().to_owned();
+    let rotated = db.cli(&["keys", "rotate", &id]);
+    assert!(rotated.trim().starts_with("key=flc_sdk_") && rotated.lines().count() == 1, "{rotated}");
+    let listing = db.cli(&["keys", "list", "--tenant", "acme"]);
+    assert!(
+        listing.contains(&format!("id={id} "))
+            && listing.lines().any(|l| l.contains(&id) && l.ends_with("revoked=true"))
+    );
+    assert_eq!(listing.lines().filter(|l| l.ends_with("revoked=false")).count(), 1, "{listing}");
 }

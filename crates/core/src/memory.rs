@@ -191,6 +191,8 @@ fn feed_of(event: &Event) -> Option<&'static Feed> {
 #[derive(Debug, Default, Clone)]
 pub struct MemoryKeys {
     by_hash: HashMap<KeyHash, KeyRecord>,
+    /// Keys that stop working at a time (rotated with a grace period).
+    expiring: HashMap<String, Timestamp>,
 }
 
 impl MemoryKeys {
@@ -204,9 +206,40 @@ impl MemoryKeys {
         self.by_hash.values()
     }
 
-    /// The record of `key`, if it exists (revoked or not).
-    pub fn find(&self, key: &ApiKey) -> Option<&KeyRecord> {
-        self.by_hash.get(&key.hash())
+    /// The record of `key`, if it exists (revoked or not; a rotated key counts as revoked
+    /// once its grace period is over).
+    pub fn find(&self, key: &ApiKey) -> Option<KeyRecord> {
+        let mut record = self.by_hash.get(&key.hash())?.clone();
+        if self.expiring.get(&record.id).is_some_and(|at| *at <= Timestamp::now()) {
+            record.revoked = true;
+        }
+        Some(record)
+    }
+
+    /// Issues a new key like key `id` (same tenant, environment and scope) and lets the old
+    /// one work until `expires`. `None` if `id` is not a live key of `tenant`.
+    pub fn rotate(&mut self, tenant: &TenantId, id: &str, expires: Timestamp) -> Option<(ApiKey, KeyRecord)> {
+        let now = Timestamp::now();
+        let old = self.by_hash.values().find(|r| {
+            r.id == id
+                && r.tenant == *tenant
+                && !r.revoked
+                && self.expiring.get(id).is_none_or(|at| *at > now)
+        })?;
+        let key = ApiKey::generate(old.scope);
+        let record = KeyRecord {
+            id: key.hash().id(),
+            hash: key.hash(),
+            tenant: old.tenant.clone(),
+            environment: old.environment.clone(),
+            scope: old.scope,
+            revoked: false,
+        };
+        let previous = old.id.clone();
+        let at = self.expiring.get(&previous).map_or(expires, |current| (*current).min(expires));
+        self.expiring.insert(previous, at);
+        self.insert(record.clone());
+        Some((key, record))
     }
 }
 

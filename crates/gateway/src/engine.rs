@@ -2,11 +2,11 @@
 //! logged, and how a subscriber replays. The memory engine by default; PostgreSQL with
 //! `DATABASE_URL`.
 
-use changegate_core::EnvironmentId;
 use changegate_core::{
     ApiKey, CollectionName, Feed, FeedKey, Filter, Hub, KeyRecord, MemoryEngine, MemoryKeys, Position,
     Replay, SourceKind, TenantId, Topic,
 };
+use changegate_core::{ConfigReason, EnvironmentId, EventBody, Timestamp};
 use changegate_flags::memory::MemoryFlags;
 use changegate_flags::{Emit, Environment as FlagEnvironment, FlagError};
 use changegate_postgres::{PgEngine, PgError};
@@ -21,13 +21,24 @@ pub enum Engine {
     Memory {
         /// Logs and hub.
         engine: MemoryEngine,
-        /// Keys loaded at start.
-        keys: MemoryKeys,
+        /// Keys loaded at start (and rotated since).
+        keys: std::sync::RwLock<MemoryKeys>,
         /// Environments, flags and segments.
         flags: MemoryFlags,
     },
     /// PostgreSQL: keys, outbox, capture, cross-instance fan-out.
     Postgres(PgEngine),
+}
+
+/// The result of a key rotation.
+#[derive(Debug)]
+pub struct Rotation {
+    /// The new key's id.
+    pub id: String,
+    /// The new key (shown once).
+    pub key: ApiKey,
+    /// When the old key stops working.
+    pub expires: Timestamp,
 }
 
 impl From<FlagError> for ApiError {
@@ -66,7 +77,9 @@ impl Engine {
     /// The stored record of `key`, revoked or not.
     pub async fn find_key(&self, key: &ApiKey) -> Result<Option<KeyRecord>, ApiError> {
         match self {
-            Self::Memory { keys, .. } => Ok(keys.find(key).cloned()),
+            Self::Memory { keys, .. } => {
+                Ok(keys.read().unwrap_or_else(std::sync::PoisonError::into_inner).find(key))
+            }
             Self::Postgres(engine) => Ok(engine.store().find_key(&key.hash()).await?),
         }
     }
@@ -148,6 +161,42 @@ impl Engine {
                     return Err("the PostgreSQL LISTEN connection is down".into());
                 }
                 engine.store().ping().await.map_err(|_| "PostgreSQL is unreachable".to_owned())
+            }
+        }
+    }
+
+    /// Rotates key `id` of `tenant`: a new key with the same scope and environment; the old one
+    /// keeps working for `grace`. Streams of the environment get `config-updated`
+    /// (`api-key-rotated`); streams opened with the old key close when the grace ends.
+    pub async fn rotate_key(
+        &self,
+        tenant: &TenantId,
+        id: &str,
+        grace: std::time::Duration,
+    ) -> Result<Rotation, ApiError> {
+        let grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
+        let expires = Timestamp::from_millis(Timestamp::now().as_millis().saturating_add(grace_ms));
+        match self {
+            Self::Memory { engine, keys, .. } => {
+                let (key, record) = keys
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .rotate(tenant, id, expires)
+                    .ok_or_else(|| ApiError::Missing(format!("key `{id}` not found")))?;
+                let body = EventBody::Config {
+                    environment: record.environment.clone(),
+                    reason: ConfigReason::ApiKeyRotated,
+                };
+                engine.append(tenant, Feed::Flags, body);
+                Ok(Rotation { id: record.id, key, expires })
+            }
+            Self::Postgres(engine) => {
+                let (new_id, key, expires) = engine
+                    .store()
+                    .rotate_key(Some(tenant), id, grace)
+                    .await?
+                    .ok_or_else(|| ApiError::Missing(format!("key `{id}` not found")))?;
+                Ok(Rotation { id: new_id, key, expires })
             }
         }
     }

@@ -28,6 +28,7 @@ pub fn router() -> Router<AppState> {
         .route("/v1/flags/{key}/rules/{id}", axum::routing::put(replace_rule).delete(delete_rule))
         .route("/v1/segments", get(list_segments).post(create_segment))
         .route("/v1/segments/{key}", get(get_segment).put(replace_segment).delete(delete_segment))
+        .route("/v1/keys/{id}/rotate", axum::routing::post(rotate_key))
         .route("/api/v1/stream", get(stream_a))
         .route("/stream", get(stream_b))
         .route("/api/v1/flags/events", get(stream_c))
@@ -367,6 +368,35 @@ async fn delete_segment(
         .write_flags(&principal.tenant, &env, move |state, _| Ok(((), state.delete_segment(&key, expected)?)))
         .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `POST /v1/keys/{id}/rotate` with `{"grace": "10m"}` (optional; default `0s`).
+async fn rotate_key(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+    bytes: Bytes,
+) -> Result<Response, ApiError> {
+    let principal = manager(&app, &headers, raw.as_deref()).await?;
+    #[derive(serde::Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    struct RotateBody {
+        grace: Option<String>,
+    }
+    let request: RotateBody = if bytes.is_empty() { RotateBody::default() } else { body(&bytes)? };
+    let grace = match request.grace.as_deref() {
+        None => std::time::Duration::ZERO,
+        Some(text) => humantime::parse_duration(text).map_err(|e| {
+            ApiError::bad_request("invalid_grace", format!("`grace` must be a duration like \"10m\": {e}"))
+        })?,
+    };
+    let rotation = app.engine.rotate_key(&principal.tenant, &id, grace).await?;
+    // On PostgreSQL every instance (this one included) learns of it through NOTIFY; scheduling
+    // here as well is harmless and covers the memory engine.
+    app.revocations.revoke_at(&id, rotation.expires, &app.closing);
+    let body = json!({"id": rotation.id, "key": rotation.key.expose(), "previousKeyExpiresAt": rotation.expires.rfc3339()});
+    Ok((StatusCode::CREATED, axum::Json(body)).into_response())
 }
 
 /// A flag-stream reader: JWT (every environment) or an `sdk`/`stream` key (its environment).

@@ -36,7 +36,14 @@ pub async fn run(listener: TcpListener, state: AppState, drain: Duration) -> std
                 tokio::select! {
                     () = closing.cancelled() => return,
                     id = revoked.recv() => match id {
-                        Ok(id) => revocations.revoke(&id),
+                        // `<id>@<epoch ms>`: a rotated key, closed when its grace ends.
+                        Ok(notice) => match notice.split_once('@') {
+                            Some((id, at)) => {
+                                let at = at.parse().unwrap_or(0);
+                                revocations.revoke_at(id, changegate_core::Timestamp::from_millis(at), &closing);
+                            }
+                            None => revocations.revoke(&notice),
+                        },
                         // Too many at once to know which: fail closed, every keyed stream
                         // reconnects and is authenticated again.
                         Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => revocations.revoke_all(),
@@ -75,6 +82,7 @@ pub fn memory_state(
             flags.create_environment(&record.tenant, environment);
         }
     }
+    let keys = std::sync::RwLock::new(keys);
     state(Engine::Memory { engine, keys, flags }, jwt, limits, CancellationToken::new())
 }
 

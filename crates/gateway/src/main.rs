@@ -84,6 +84,15 @@ enum Keys {
         #[arg(long)]
         tenant: Option<String>,
     },
+    /// Rotate a key: prints `key=<new key>`; the old one keeps working for `--grace`, then its
+    /// streams close on every instance.
+    Rotate {
+        /// The key's id (from `keys list`).
+        id: String,
+        /// How long the old key keeps working.
+        #[arg(long, default_value = "0s", value_parser = duration)]
+        grace: Duration,
+    },
     /// Revoke a key; its open streams close on every instance.
     Revoke {
         /// The key's id (from `keys list`).
@@ -224,6 +233,14 @@ async fn admin(command: Command, url: Option<&str>) -> anyhow::Result<()> {
                     key.revoked
                 );
             }
+        }
+        Command::Keys(Keys::Rotate { id, grace }) => {
+            let (_id, key, expires) = store
+                .rotate_key(None, &id, grace)
+                .await?
+                .with_context(|| format!("no live key with id {id}"))?;
+            println!("key={}", key.expose());
+            eprintln!("the previous key stops working at {}", expires.rfc3339());
         }
         Command::Keys(Keys::Revoke { id }) => {
             anyhow::ensure!(store.revoke_key(&id).await?, "no key with id {id}");

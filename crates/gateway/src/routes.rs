@@ -73,6 +73,19 @@ impl Revocations {
         tokens.values().for_each(CancellationToken::cancel);
     }
 
+    /// Closes every open stream of `key_id` at `at` (now, if that has passed), unless the
+    /// gateway shuts down first.
+    pub fn revoke_at(&self, key_id: &str, at: changegate_core::Timestamp, closing: &CancellationToken) {
+        let wait = at.as_millis().saturating_sub(changegate_core::Timestamp::now().as_millis());
+        let (revocations, key_id, closing) = (self.clone(), key_id.to_owned(), closing.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                () = closing.cancelled() => {}
+                () = tokio::time::sleep(Duration::from_millis(wait)) => revocations.revoke(&key_id),
+            }
+        });
+    }
+
     /// Closes every open stream of `key_id`.
     pub fn revoke(&self, key_id: &str) {
         let token = self.tokens.lock().unwrap_or_else(PoisonError::into_inner).remove(key_id);

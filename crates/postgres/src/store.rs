@@ -120,7 +120,8 @@ impl Store {
             .client()
             .await?
             .query_opt(
-                "select id, tenant, environment, scope, revoked_at is not null from realtime.api_keys where hash = $1",
+                "select id, tenant, environment, scope, coalesce(revoked_at <= now(), false)
+                 from realtime.api_keys where hash = $1",
                 &[&&hash.0[..]],
             )
             .await
@@ -202,7 +203,7 @@ impl Store {
             .client()
             .await?
             .query(
-                "select id, tenant, environment, scope, prefix, revoked_at is not null
+                "select id, tenant, environment, scope, prefix, coalesce(revoked_at <= now(), false)
                  from realtime.api_keys where $1::text is null or tenant = $1 order by created_at, id",
                 &[&tenant.map(TenantId::as_str)],
             )
@@ -227,7 +228,7 @@ impl Store {
         let tx = client.transaction().await.map_err(PgError::query("revoking a key"))?;
         let changed = tx
             .execute(
-                "update realtime.api_keys set revoked_at = coalesce(revoked_at, now()) where id = $1",
+                "update realtime.api_keys set revoked_at = least(coalesce(revoked_at, 'infinity'), now()) where id = $1",
                 &[&id],
             )
             .await
@@ -239,19 +240,87 @@ impl Store {
         Ok(changed == 1)
     }
 
-    /// Ids of keys revoked within the last `window` (to catch revocations announced while a
-    /// LISTEN connection was down).
+    /// Revocation notices (`<id>` or `<id>@<epoch ms>`) for keys revoked within the last
+    /// `window` or scheduled to expire, to catch announcements missed while a LISTEN
+    /// connection was down.
     pub async fn revoked_within(&self, window: Duration) -> Result<Vec<String>, PgError> {
         let rows = self
             .client()
             .await?
             .query(
-                "select id from realtime.api_keys where revoked_at > now() - make_interval(secs => $1)",
+                "select id || '@' || floor(extract(epoch from revoked_at) * 1000)::bigint
+                 from realtime.api_keys where revoked_at > now() - make_interval(secs => $1)",
                 &[&window.as_secs_f64()],
             )
             .await
             .map_err(PgError::query("reading recent revocations"))?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Rotates key `id` (of `tenant`, when given): a new key like it, the old one expiring
+    /// after `grace`, a `config-updated` (`api-key-rotated`) event for its environment, and a
+    /// notice to every instance. `None` if `id` is not a live key (of `tenant`).
+    pub async fn rotate_key(
+        &self,
+        tenant: Option<&TenantId>,
+        id: &str,
+        grace: Duration,
+    ) -> Result<Option<(String, ApiKey, Timestamp)>, PgError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(PgError::query("rotating a key"))?;
+        let Some(old) = tx
+            .query_opt(
+                "select environment, scope, tenant from realtime.api_keys
+                 where id = $1 and ($2::text is null or tenant = $2) and (revoked_at is null or revoked_at > now())
+                 for update",
+                &[&id, &tenant.map(TenantId::as_str)],
+            )
+            .await
+            .map_err(PgError::query("rotating a key"))?
+        else {
+            return Ok(None);
+        };
+        let environment: Option<String> = old.get(0);
+        let tenant: String = old.get(2);
+        let scope: Scope = old
+            .get::<_, &str>(1)
+            .parse()
+            .map_err(|_| PgError::Invalid("stored key has an invalid scope".into()))?;
+        let key = ApiKey::generate(scope);
+        let hash = key.hash();
+        let new_id = hash.id();
+        tx.execute(
+            "insert into realtime.api_keys (id, tenant, environment, scope, hash, prefix) values ($1, $2, $3, $4, $5, $6)",
+            &[&new_id, &tenant, &environment, &scope.as_str(), &&hash.0[..], &key.display_prefix()],
+        )
+        .await
+        .map_err(PgError::query("rotating a key"))?;
+        let row = tx
+            .query_one(
+                "update realtime.api_keys
+                 set revoked_at = least(coalesce(revoked_at, 'infinity'), now() + make_interval(secs => $2))
+                 where id = $1
+                 returning floor(extract(epoch from revoked_at) * 1000)::bigint",
+                &[&id, &grace.as_secs_f64()],
+            )
+            .await
+            .map_err(PgError::query("rotating a key"))?;
+        let expires = Timestamp::from_millis(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0));
+        tx.execute("select pg_notify($1, $2)", &[&KEYS_CHANNEL, &format!("{id}@{}", expires.as_millis())])
+            .await
+            .map_err(PgError::query("announcing a rotation"))?;
+        let tenant_id = TenantId::parse(&tenant)
+            .map_err(|_| PgError::Invalid("stored key has an invalid tenant".into()))?;
+        let channel = crate::channel(&FeedKey { tenant: tenant_id, feed: Feed::Flags });
+        let payload = serde_json::json!({"environment": environment, "reason": "api-key-rotated"});
+        tx.execute(
+            "select realtime.enqueue($1, $2, 'config', null, null, null, null, $3::text::jsonb)",
+            &[&channel, &tenant, &payload.to_string()],
+        )
+        .await
+        .map_err(PgError::query("announcing a rotation"))?;
+        tx.commit().await.map_err(PgError::query("rotating a key"))?;
+        Ok(Some((new_id, key, expires)))
     }
 
     /// The tenant's environments.
