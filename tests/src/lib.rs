@@ -61,8 +61,13 @@ impl Gateway {
 
     /// Like [`Gateway::start`], with extra environment variables.
     pub async fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_at("127.0.0.1:0", args, env).await
+    }
+
+    /// Like [`Gateway::start_with_env`], listening on `listen`.
+    pub async fn start_at(listen: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(binary())
-            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(["serve", "--listen", listen])
             .args(args)
             .env_remove("DATABASE_URL")
             .envs(env.iter().copied())
@@ -434,6 +439,11 @@ impl TestDb {
     pub async fn gateway(&self, args: &[&str]) -> Gateway {
         Gateway::start_with_env(args, &[("DATABASE_URL", &self.url)]).await
     }
+
+    /// Starts a gateway on this database at a given address (to restart one in place).
+    pub async fn gateway_at(&self, listen: &str, args: &[&str]) -> Gateway {
+        Gateway::start_at(listen, args, &[("DATABASE_URL", &self.url)]).await
+    }
 }
 
 impl Drop for TestDb {
@@ -449,5 +459,104 @@ impl Drop for TestDb {
             });
         })
         .join();
+    }
+}
+
+/// Headless Chromium (Debian's `/usr/bin/chromium`), driven through `tests/browser/driver.mjs`
+/// (playwright-core): the tests send it JSON commands and read JSON answers.
+pub struct Browser {
+    child: Child,
+    input: tokio::process::ChildStdin,
+    output: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+}
+
+impl Browser {
+    /// Starts the browser, or returns `None` (after saying so loudly) on a machine without
+    /// Chromium — `.ci/run` installs it, so CI always runs these tests.
+    pub async fn start() -> Option<Self> {
+        let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+        if !std::path::Path::new(&chromium).exists() {
+            eprintln!("SKIPPED: no Chromium at {chromium}; `.ci/run` installs it (apt-get install chromium)");
+            return None;
+        }
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("browser");
+        if !dir.join("node_modules/playwright-core").exists() {
+            let status = std::process::Command::new("npm")
+                .args(["ci", "--no-audit", "--no-fund", "--silent"])
+                .current_dir(&dir)
+                .status()
+                .expect("npm runs");
+            assert!(status.success(), "npm ci in tests/browser failed");
+        }
+        let mut child = Command::new("node")
+            .arg(dir.join("driver.mjs"))
+            .env("CHROMIUM", &chromium)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("node runs");
+        let input = child.stdin.take().expect("stdin is piped");
+        let output = BufReader::new(child.stdout.take().expect("stdout is piped")).lines();
+        let mut browser = Self { child, input, output };
+        let ready = browser.answer().await;
+        assert_eq!(ready["ready"], true, "the browser driver started: {ready}");
+        Some(browser)
+    }
+
+    async fn answer(&mut self) -> Value {
+        let line = tokio::time::timeout(Duration::from_secs(30), self.output.next_line())
+            .await
+            .expect("the browser answers in time")
+            .expect("the driver's stdout is readable")
+            .expect("the driver is running");
+        serde_json::from_str(&line).expect("the driver answers JSON")
+    }
+
+    async fn command(&mut self, command: Value) -> Value {
+        use tokio::io::AsyncWriteExt;
+        let line = format!("{command}\n");
+        self.input.write_all(line.as_bytes()).await.expect("the driver reads commands");
+        let answer = self.answer().await;
+        assert_eq!(answer["ok"], true, "browser command {command} failed: {answer}");
+        answer["result"].clone()
+    }
+
+    /// Navigates to `url`.
+    pub async fn goto(&mut self, url: &str) {
+        self.command(serde_json::json!({ "goto": url })).await;
+    }
+
+    /// Replaces the page with `html` (an `about:blank` origin: every request to the gateway
+    /// is cross-origin).
+    pub async fn set_content(&mut self, html: &str) {
+        self.command(serde_json::json!({ "html": html })).await;
+    }
+
+    /// Evaluates a JavaScript expression in the page.
+    pub async fn eval(&mut self, expression: &str) -> Value {
+        self.command(serde_json::json!({ "eval": expression })).await
+    }
+
+    /// Evaluates `expression` until `done` holds for its value; returns that value.
+    pub async fn wait_for(&mut self, expression: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let value = self.eval(expression).await;
+            if done(&value) {
+                return value;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for `{expression}`; last value {value}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
     }
 }

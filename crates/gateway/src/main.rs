@@ -144,6 +144,9 @@ struct Serve {
     /// Heartbeat interval of `/api/v1/flags/events` (`event: heartbeat`).
     #[arg(long, env = "CHANGEGATE_HEARTBEAT_FLAGS_C", default_value = "15s", value_parser = duration)]
     heartbeat_flags_c: Duration,
+    /// Origins browsers may call from, comma-separated; `*` allows any.
+    #[arg(long, env = "CHANGEGATE_CORS_ORIGINS", value_delimiter = ',', default_value = "*")]
+    cors_origins: Vec<String>,
     /// Reconnect delay announced to clients with `retry:`.
     #[arg(long, env = "CHANGEGATE_RETRY", default_value = "2s", value_parser = duration)]
     retry: Duration,
@@ -264,6 +267,7 @@ async fn serve(args: Serve, database_url: Option<String>) -> anyhow::Result<()> 
         retry: args.retry,
         max_body: args.max_body,
         flags_heartbeat: [args.heartbeat_flags_a, args.heartbeat_flags_b, args.heartbeat_flags_c],
+        cors_origins: args.cors_origins.clone(),
     };
     let jwt = args.jwt_secret.as_deref().map(|s| JwtVerifier::new(s.as_bytes()));
     let hub = HubConfig { buffer: args.buffer, grace: args.grace };

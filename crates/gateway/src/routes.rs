@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{RawQuery, Request, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -17,6 +17,7 @@ use changegate_core::{CollectionName, Feed, FeedKey, Filter, Position, Topic, To
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::auth::{QueryKey, authenticate};
 use crate::engine::Engine;
@@ -35,6 +36,8 @@ pub struct Limits {
     pub max_body: usize,
     /// Heartbeat intervals of the flag dialects A, B and C.
     pub flags_heartbeat: [Duration; 3],
+    /// Origins browsers may call from (`*`: any).
+    pub cors_origins: Vec<String>,
 }
 
 /// Shared state of every route.
@@ -96,16 +99,54 @@ impl Revocations {
     }
 }
 
+/// CORS for browsers on other origins: the SSE routes, publish and the flag API. Credentials
+/// travel in headers or `?apikey=`, never cookies, so no `Allow-Credentials`.
+fn cors(origins: &[String]) -> CorsLayer {
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::PATCH, Method::DELETE])
+        .allow_headers([
+            HeaderName::from_static("apikey"),
+            HeaderName::from_static("x-api-key"),
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            HeaderName::from_static("last-event-id"),
+            header::IF_MATCH,
+        ])
+        .expose_headers([header::ETAG])
+        .max_age(Duration::from_secs(600))
+}
+
+/// The console page: a static, dependency-free live view of a collection or topic.
+async fn console() -> Response {
+    let mut response = axum::response::Html(include_str!("../static/console.html")).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; connect-src *",
+        ),
+    );
+    response
+}
+
 /// The full router.
 pub fn router(state: AppState) -> Router {
+    let cors = cors(&state.limits.cors_origins);
     Router::new()
         .route("/v1/events/subscribe", get(subscribe))
         .route("/v1/events/publish", post(publish))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/console", get(console))
         .merge(crate::flag_routes::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(cors)
         .layer(middleware::from_fn(access_log))
         .with_state(state)
 }
