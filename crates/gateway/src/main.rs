@@ -26,7 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway.
-    Serve(Serve),
+    Serve(Box<Serve>),
     /// Apply the database migrations (schema `realtime`).
     Migrate,
     /// Manage tenants.
@@ -194,7 +194,7 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(args) => serve(args, cli.database_url).await,
+        Command::Serve(args) => serve(*args, cli.database_url).await,
         command => admin(command, cli.database_url.as_deref()).await,
     }
 }
