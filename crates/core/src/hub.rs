@@ -219,6 +219,14 @@ impl Hub {
     /// Hands an event of `key` to every matching subscriber. Events of one feed must be
     /// dispatched in stream order; this never blocks on a subscriber.
     pub fn dispatch(&self, key: &FeedKey, frame: Arc<Frame>) {
+        let feed = match key.feed {
+            Feed::Messages => "messages",
+            Feed::Flags => "flags",
+            Feed::Collection { .. } => "collection",
+        };
+        metrics::counter!("changegate_events_in_total", "feed" => feed).increment(1);
+        let age_ms = crate::Timestamp::now().as_millis().saturating_sub(frame.event().at.as_millis());
+        metrics::histogram!("changegate_commit_to_dispatch_seconds").record(age_ms as f64 / 1000.0);
         let feeds = self.inner.feeds();
         let Some(slot) = feeds.get(key) else { return };
         for stream in &slot.streams {

@@ -60,8 +60,24 @@ fn presented<'a>(
     }
 }
 
-/// Authenticates a request and checks that it may perform `action`.
+/// Authenticates a request and checks that it may perform `action`; failures are counted by
+/// reason.
 pub async fn authenticate(
+    engine: &Engine,
+    jwt: Option<&JwtVerifier>,
+    headers: &HeaderMap,
+    query: Option<&str>,
+    query_key: QueryKey,
+    action: Action,
+) -> Result<Principal, ApiError> {
+    let result = authenticate_inner(engine, jwt, headers, query, query_key, action).await;
+    if let Err(error) = &result {
+        metrics::counter!("changegate_auth_failures_total", "reason" => error.code()).increment(1);
+    }
+    result
+}
+
+async fn authenticate_inner(
     engine: &Engine,
     jwt: Option<&JwtVerifier>,
     headers: &HeaderMap,

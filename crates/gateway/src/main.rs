@@ -147,6 +147,9 @@ struct Serve {
     /// Origins browsers may call from, comma-separated; `*` allows any.
     #[arg(long, env = "CHANGEGATE_CORS_ORIGINS", value_delimiter = ',', default_value = "*")]
     cors_origins: Vec<String>,
+    /// Label stream metrics with the tenant (one series per tenant: mind the cardinality).
+    #[arg(long, env = "CHANGEGATE_METRICS_TENANTS")]
+    metrics_tenants: bool,
     /// Reconnect delay announced to clients with `retry:`.
     #[arg(long, env = "CHANGEGATE_RETRY", default_value = "2s", value_parser = duration)]
     retry: Duration,
@@ -268,6 +271,7 @@ async fn serve(args: Serve, database_url: Option<String>) -> anyhow::Result<()> 
         max_body: args.max_body,
         flags_heartbeat: [args.heartbeat_flags_a, args.heartbeat_flags_b, args.heartbeat_flags_c],
         cors_origins: args.cors_origins.clone(),
+        metrics_tenants: args.metrics_tenants,
     };
     let jwt = args.jwt_secret.as_deref().map(|s| JwtVerifier::new(s.as_bytes()));
     let hub = HubConfig { buffer: args.buffer, grace: args.grace };
@@ -294,6 +298,12 @@ async fn serve(args: Serve, database_url: Option<String>) -> anyhow::Result<()> 
         }
         None => memory(&args, hub, jwt, limits)?,
     };
+    let mut state = state;
+    state.metrics = Some(
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .set_buckets(&[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5])?
+            .install_recorder()?,
+    );
     let listener =
         TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     let address = listener.local_addr()?;

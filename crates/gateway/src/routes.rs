@@ -38,6 +38,8 @@ pub struct Limits {
     pub flags_heartbeat: [Duration; 3],
     /// Origins browsers may call from (`*`: any).
     pub cors_origins: Vec<String>,
+    /// Label stream metrics with the tenant (opt-in: one series per tenant).
+    pub metrics_tenants: bool,
 }
 
 /// Shared state of every route.
@@ -53,6 +55,8 @@ pub struct AppState {
     pub closing: CancellationToken,
     /// Streams by key, to close them when their key is revoked.
     pub revocations: Revocations,
+    /// The Prometheus recorder's handle, when one is installed (the binary installs one).
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
 /// One cancellation token per key with open streams: revoking the key cancels them all.
@@ -122,6 +126,17 @@ fn cors(origins: &[String]) -> CorsLayer {
         .max_age(Duration::from_secs(600))
 }
 
+/// Prometheus text exposition.
+async fn metrics_text(State(app): State<AppState>) -> Response {
+    match &app.metrics {
+        Some(handle) => {
+            handle.run_upkeep();
+            ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()).into_response()
+        }
+        None => ApiError::NotFound("/metrics (no metrics recorder is installed)".into()).into_response(),
+    }
+}
+
 /// The console page: a static, dependency-free live view of a collection or topic.
 async fn console() -> Response {
     let mut response = axum::response::Html(include_str!("../static/console.html")).into_response();
@@ -143,6 +158,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/console", get(console))
+        .route("/metrics", get(metrics_text))
         .merge(crate::flag_routes::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -321,7 +337,12 @@ pub async fn open_stream(
         .map_err(|e| ApiError::Unavailable(e.to_string()))?;
     let mut prelude = vec![sse::hello(app.limits.retry)];
     let mut after = None;
+    let mut labels = vec![("route", wire.route().to_owned())];
+    if app.limits.metrics_tenants {
+        labels.push(("tenant", key.tenant.to_string()));
+    }
     let mut replayed = |frames: Vec<Arc<changegate_core::Frame>>, from: Option<Position>| {
+        metrics::counter!("changegate_replayed_events_total", &labels).increment(frames.len() as u64);
         prelude.extend(frames.iter().map(|f| wire.encode(f)).filter(|b| !b.is_empty()));
         frames.last().map(|f| f.position()).or(from)
     };
@@ -330,6 +351,7 @@ pub async fn open_stream(
         Some(Resume::After(position)) => match app.engine.replay(&key, &filter, position).await? {
             Replay::Events(frames) => after = replayed(frames, Some(position)),
             Replay::Reset => {
+                metrics::counter!("changegate_resets_total", &labels).increment(1);
                 let head = app.engine.head(&key).await?;
                 prelude.push(sse::reset(head));
                 after = Some(head);
@@ -348,6 +370,7 @@ pub async fn open_stream(
         retry: app.limits.retry,
         closing: app.revocations.token(principal.key_id.as_deref(), &app.closing),
         wire,
+        labels,
     }))
 }
 
@@ -399,6 +422,8 @@ async fn publish(
     })?;
     let topic =
         Topic::parse(&body.topic).map_err(|e| ApiError::bad_request("invalid_topic", e.to_string()))?;
+    let started = Instant::now();
     let position = app.engine.publish(&principal.tenant, topic, body.data).await?;
+    metrics::histogram!("changegate_publish_seconds").record(started.elapsed().as_secs_f64());
     Ok((StatusCode::ACCEPTED, axum::Json(json!({ "id": position.to_string() }))).into_response())
 }

@@ -99,6 +99,8 @@ pub struct Connection {
     pub closing: CancellationToken,
     /// The dialect.
     pub wire: Wire,
+    /// Metric labels of this stream (`route`, and `tenant` when tenant labels are enabled).
+    pub labels: Vec<(&'static str, String)>,
 }
 
 /// The dialect a connection speaks: how events are encoded and what its heartbeat is.
@@ -138,6 +140,16 @@ impl Wire {
         }
     }
 
+    /// The route label of this dialect in metrics.
+    pub fn route(&self) -> &'static str {
+        match self {
+            Self::Realtime => "/v1/events/subscribe",
+            Self::FlagsA => "/api/v1/stream",
+            Self::FlagsB => "/stream",
+            Self::FlagsC { .. } => "/api/v1/flags/events",
+        }
+    }
+
     fn heartbeat(&self) -> Bytes {
         match self {
             Self::Realtime | Self::FlagsA => Bytes::from_static(HEARTBEAT),
@@ -164,6 +176,13 @@ struct State {
     closing: Pin<Box<WaitForCancellationFutureOwned>>,
     wire: Wire,
     done: bool,
+    labels: Vec<(&'static str, String)>,
+}
+
+impl Drop for State {
+    fn drop(&mut self) {
+        metrics::gauge!("changegate_streams_open", &self.labels).decrement(1.0);
+    }
 }
 
 impl State {
@@ -192,7 +211,10 @@ impl State {
                     }
                     Ok(Some(_)) => continue,
                     Ok(None) => return Step::End,
-                    Err(_lagged) => return Step::Finish(lagged(self.retry)),
+                    Err(_lagged) => {
+                        metrics::counter!("changegate_slow_consumer_disconnects_total", &self.labels).increment(1);
+                        return Step::Finish(lagged(self.retry));
+                    }
                 },
                 _ = self.heartbeat.tick() => return Step::Send(self.wire.heartbeat()),
             }
@@ -204,10 +226,12 @@ impl State {
     fn batch(&mut self, first: &Arc<Frame>) -> Option<Step> {
         let first = self.wire.encode(first);
         let mut out: Option<BytesMut> = None;
+        let mut sent = u64::from(!first.is_empty());
         for _ in 0..COALESCE {
             match self.subscription.try_recv() {
                 Ok(Some(frame)) if self.fresh(&frame) => {
                     let next = self.wire.encode(&frame);
+                    sent += u64::from(!next.is_empty());
                     let out = out.get_or_insert_with(|| BytesMut::from(&first[..]));
                     out.extend_from_slice(&next);
                 }
@@ -218,6 +242,7 @@ impl State {
             }
         }
         let bytes = out.map_or(first, BytesMut::freeze);
+        metrics::counter!("changegate_events_out_total", &self.labels).increment(sent);
         (!bytes.is_empty()).then_some(Step::Send(bytes))
     }
 }
@@ -231,7 +256,8 @@ fn lagged(after: Duration) -> Bytes {
 
 /// The streaming response for a connection.
 pub fn response(connection: Connection) -> Response {
-    let Connection { prelude, subscription, after, heartbeat, retry, closing, wire } = connection;
+    let Connection { prelude, subscription, after, heartbeat, retry, closing, wire, labels } = connection;
+    metrics::gauge!("changegate_streams_open", &labels).increment(1.0);
     let mut ticker = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let state = State {
@@ -243,6 +269,7 @@ pub fn response(connection: Connection) -> Response {
         closing: Box::pin(closing.cancelled_owned()),
         wire,
         done: false,
+        labels,
     };
     let stream = futures_util::stream::unfold(state, |mut state| async move {
         if state.done {

@@ -119,6 +119,7 @@ impl Listener {
                 }
             }
             self.ready.send_replace(false);
+            metrics::gauge!("changegate_upstream_up", "upstream" => "postgres_listen").set(0.0);
             let wait = backoff + jitter(backoff / 2);
             backoff = (backoff * 2).min(Duration::from_secs(5));
             if !self.wait_while_down(wait).await {
@@ -194,6 +195,7 @@ impl Listener {
             return Ended::Lost(reason);
         }
         self.ready.send_replace(true);
+        metrics::gauge!("changegate_upstream_up", "upstream" => "postgres_listen").set(1.0);
         let cancel = self.cancel.clone();
         loop {
             tokio::select! {

@@ -1,0 +1,56 @@
+//! What an operator sees: Prometheus metrics, and access logs that never carry a key.
+
+use std::time::Duration;
+
+use changegate_e2e::Gateway;
+use serde_json::json;
+
+fn sample(text: &str, name_and_labels: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {name_and_labels} in:\n{text}"))
+}
+
+#[tokio::test]
+async fn metrics_count_streams_events_replays_resets_and_auth_failures() {
+    let gw = Gateway::start(&["--retention-events", "2"]).await;
+    let path = format!("/v1/events/subscribe?topic=m&apikey={}", gw.dev_key("anon"));
+    let mut sse = gw.sse(&path, &[]).await;
+    let first = gw.publish(gw.dev_key("publish"), "m", json!(1)).await;
+    sse.next_event().await;
+    for i in 0..3 {
+        gw.publish(gw.dev_key("publish"), "m", json!(i)).await;
+    }
+    for _ in 0..3 {
+        sse.next_event().await;
+    }
+    // A resume older than retention: a reset.
+    let _reset = gw.sse(&path, &[("last-event-id", &first)]).await;
+    let _ = gw.try_sse("/v1/events/subscribe?topic=m", &[("apikey", "flc_anon_nope")]).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let response = gw.http.get(gw.url("/metrics")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
+    let text = response.text().await.unwrap();
+    assert_eq!(sample(&text, r#"changegate_streams_open{route="/v1/events/subscribe"}"#), 2.0);
+    assert_eq!(sample(&text, r#"changegate_events_in_total{feed="messages"}"#), 4.0);
+    assert_eq!(sample(&text, r#"changegate_events_out_total{route="/v1/events/subscribe"}"#), 4.0);
+    assert_eq!(sample(&text, r#"changegate_resets_total{route="/v1/events/subscribe"}"#), 1.0);
+    assert_eq!(sample(&text, r#"changegate_auth_failures_total{reason="invalid_api_key"}"#), 1.0);
+    assert!(text.contains("changegate_publish_seconds_bucket"), "publish latency histogram");
+    assert!(text.contains("changegate_commit_to_dispatch_seconds_bucket"), "delivery latency histogram");
+    assert!(!text.contains("tenant="), "no tenant labels unless opted in");
+    drop(sse);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let text = gw.http.get(gw.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert_eq!(sample(&text, r#"changegate_streams_open{route="/v1/events/subscribe"}"#), 1.0, "a closed stream is counted down");
+}
+
+#[tokio::test]
+async fn tenant_labels_are_opt_in() {
+    let gw = Gateway::start(&["--metrics-tenants"]).await;
+    let _sse = gw.sse(&format!("/v1/events/subscribe?topic=m&apikey={}", gw.dev_key("anon")), &[]).await;
+    let text = gw.http.get(gw.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert_eq!(sample(&text, r#"changegate_streams_open{route="/v1/events/subscribe",tenant="dev"}"#), 1.0);
+}
