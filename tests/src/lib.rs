@@ -51,6 +51,7 @@ pub struct Gateway {
     pub dev_keys: HashMap<String, String>,
     /// An HTTP client for requests.
     pub http: reqwest::Client,
+    logs: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 impl Gateway {
@@ -66,17 +67,44 @@ impl Gateway {
 
     /// Like [`Gateway::start_with_env`], listening on `listen`.
     pub async fn start_at(listen: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::spawn(listen, args, env, None).await
+    }
+
+    /// Starts a gateway logging at `info` in `format`, collecting its logs (see [`Gateway::logs`]).
+    pub async fn start_logging(format: &str, args: &[&str]) -> Self {
+        Self::spawn("127.0.0.1:0", args, &[("CHANGEGATE_LOG_FORMAT", format)], Some("info")).await
+    }
+
+    /// Everything the gateway logged so far (only for [`Gateway::start_logging`]).
+    pub fn logs(&self) -> String {
+        self.logs.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    async fn spawn(listen: &str, args: &[&str], env: &[(&str, &str)], log_level: Option<&str>) -> Self {
         let mut child = Command::new(binary())
             .args(["serve", "--listen", listen])
             .args(args)
             .env_remove("DATABASE_URL")
             .envs(env.iter().copied())
-            .env("CHANGEGATE_LOG", "warn")
+            .env("CHANGEGATE_LOG", log_level.unwrap_or("warn"))
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(if log_level.is_some() { Stdio::piped() } else { Stdio::inherit() })
             .kill_on_drop(true)
             .spawn()
             .expect("the changegate binary starts");
+        let logs = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        if let Some(stderr) = child.stderr.take() {
+            let logs = logs.clone();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(stderr).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if let Ok(mut logs) = logs.lock() {
+                        logs.push_str(&line);
+                        logs.push('\n');
+                    }
+                }
+            });
+        }
         let stdout = child.stdout.take().expect("stdout is piped");
         let mut lines = BufReader::new(stdout).lines();
         let mut dev_keys = HashMap::new();
@@ -101,7 +129,7 @@ impl Gateway {
         .expect("changegate listens in time");
         // Keep draining stdout so the process never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Self { child, base, dev_keys, http: reqwest::Client::new() }
+        Self { child, base, dev_keys, http: reqwest::Client::new(), logs }
     }
 
     /// Starts a gateway whose keys come from `keys` (written to a temporary file).

@@ -44,7 +44,11 @@ async fn metrics_count_streams_events_replays_resets_and_auth_failures() {
     drop(sse);
     tokio::time::sleep(Duration::from_millis(100)).await;
     let text = gw.http.get(gw.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    assert_eq!(sample(&text, r#"changegate_streams_open{route="/v1/events/subscribe"}"#), 1.0, "a closed stream is counted down");
+    assert_eq!(
+        sample(&text, r#"changegate_streams_open{route="/v1/events/subscribe"}"#),
+        1.0,
+        "a closed stream is counted down"
+    );
 }
 
 #[tokio::test]
@@ -53,4 +57,42 @@ async fn tenant_labels_are_opt_in() {
     let _sse = gw.sse(&format!("/v1/events/subscribe?topic=m&apikey={}", gw.dev_key("anon")), &[]).await;
     let text = gw.http.get(gw.url("/metrics")).send().await.unwrap().text().await.unwrap();
     assert_eq!(sample(&text, r#"changegate_streams_open{route="/v1/events/subscribe",tenant="dev"}"#), 1.0);
+}
+
+#[tokio::test]
+async fn access_logs_are_json_lines_with_route_status_tenant_and_duration_and_never_a_key() {
+    let gw = Gateway::start_logging("json", &[]).await;
+    let anon = gw.dev_key("anon").to_owned();
+    let service = gw.dev_key("service").to_owned();
+    let sse = gw.sse(&format!("/v1/events/subscribe?topic=t&apikey={anon}"), &[]).await;
+    gw.publish(gw.dev_key("publish"), "t", json!(1)).await;
+    let _ = gw.try_sse(&format!("/v1/events/subscribe?topic=t&apikey={service}"), &[]).await;
+    drop(sse);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let logs = gw.logs();
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let access: Vec<&serde_json::Value> =
+        lines.iter().filter(|l| l["target"] == "changegate::access").collect();
+    let find = |path: &str, status: u64| {
+        access.iter().find(|l| l["fields"]["path"] == path && l["fields"]["status"] == status).copied()
+    };
+    let subscribed = find("/v1/events/subscribe", 200).expect("the subscribe is logged");
+    assert_eq!(subscribed["fields"]["tenant"], "dev");
+    assert!(subscribed["fields"]["ms"].is_u64());
+    assert_eq!(find("/v1/events/publish", 202).expect("the publish is logged")["fields"]["tenant"], "dev");
+    assert!(find("/v1/events/subscribe", 401).is_some(), "the refusal is logged");
+    let closed = access
+        .iter()
+        .find(|l| l["fields"]["message"] == "stream closed")
+        .expect("the stream's end is logged");
+    assert_eq!(
+        (closed["fields"]["route"].as_str(), closed["fields"]["tenant"].as_str()),
+        (Some("/v1/events/subscribe"), Some("dev"))
+    );
+    for secret in [&anon, &service, gw.dev_key("publish")] {
+        assert!(!logs.contains(&secret[9..]), "a key leaked into the logs");
+    }
 }

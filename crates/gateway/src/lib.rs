@@ -93,5 +93,12 @@ pub fn state(
     limits: Limits,
     closing: CancellationToken,
 ) -> AppState {
-    AppState { engine: Arc::new(engine), jwt, limits, closing, revocations: routes::Revocations::default(), metrics: None }
+    AppState {
+        engine: Arc::new(engine),
+        jwt,
+        limits,
+        closing,
+        revocations: routes::Revocations::default(),
+        metrics: None,
+    }
 }

@@ -16,6 +16,9 @@ use tokio_util::sync::CancellationToken;
 #[derive(Parser)]
 #[command(name = "changegate", version, about = "A multi-tenant realtime database-change gateway")]
 struct Cli {
+    /// Log format on stderr: `text` or `json` (one JSON object per line).
+    #[arg(long, global = true, env = "CHANGEGATE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
     /// PostgreSQL connection string; without it `serve` runs the memory engine.
     #[arg(long, global = true, env = "DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
@@ -187,15 +190,15 @@ struct Serve {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CHANGEGATE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CHANGEGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if cli.log_format == "json" {
+        logs.json().init();
+    } else {
+        logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init();
+    }
     match cli.command {
         Command::Serve(args) => serve(*args, cli.database_url).await,
         command => admin(command, cli.database_url.as_deref()).await,

@@ -174,13 +174,24 @@ async fn access_log(request: Request, next: Next) -> Response {
     let path = request.uri().path().to_owned();
     let started = Instant::now();
     let response = next.run(request).await;
+    let tenant = response.extensions().get::<LoggedTenant>().map_or("-", |t| t.0.as_str());
     tracing::info!(
         target: "changegate::access",
         %method,
         path,
         status = response.status().as_u16(),
         ms = started.elapsed().as_millis() as u64,
+        tenant,
     );
+    response
+}
+
+/// The tenant a response was for, for the access log.
+#[derive(Clone, Debug)]
+pub struct LoggedTenant(pub changegate_core::TenantId);
+
+fn for_tenant(mut response: Response, tenant: &changegate_core::TenantId) -> Response {
+    response.extensions_mut().insert(LoggedTenant(tenant.clone()));
     response
 }
 
@@ -362,16 +373,21 @@ pub async fn open_stream(
             after = replayed(frames, None);
         }
     }
-    Ok(sse::response(sse::Connection {
-        prelude,
-        subscription,
-        after,
-        heartbeat,
-        retry: app.limits.retry,
-        closing: app.revocations.token(principal.key_id.as_deref(), &app.closing),
-        wire,
-        labels,
-    }))
+    let tenant = key.tenant.clone();
+    Ok(for_tenant(
+        sse::response(sse::Connection {
+            prelude,
+            subscription,
+            after,
+            heartbeat,
+            retry: app.limits.retry,
+            closing: app.revocations.token(principal.key_id.as_deref(), &app.closing),
+            wire,
+            labels,
+            tenant: tenant.clone(),
+        }),
+        &tenant,
+    ))
 }
 
 #[derive(Deserialize)]
@@ -425,5 +441,6 @@ async fn publish(
     let started = Instant::now();
     let position = app.engine.publish(&principal.tenant, topic, body.data).await?;
     metrics::histogram!("changegate_publish_seconds").record(started.elapsed().as_secs_f64());
-    Ok((StatusCode::ACCEPTED, axum::Json(json!({ "id": position.to_string() }))).into_response())
+    let response = (StatusCode::ACCEPTED, axum::Json(json!({ "id": position.to_string() }))).into_response();
+    Ok(for_tenant(response, &principal.tenant))
 }

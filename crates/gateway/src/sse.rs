@@ -101,6 +101,8 @@ pub struct Connection {
     pub wire: Wire,
     /// Metric labels of this stream (`route`, and `tenant` when tenant labels are enabled).
     pub labels: Vec<(&'static str, String)>,
+    /// Whose stream it is (for the access log line when it closes).
+    pub tenant: changegate_core::TenantId,
 }
 
 /// The dialect a connection speaks: how events are encoded and what its heartbeat is.
@@ -177,11 +179,20 @@ struct State {
     wire: Wire,
     done: bool,
     labels: Vec<(&'static str, String)>,
+    tenant: changegate_core::TenantId,
+    opened: Instant,
 }
 
 impl Drop for State {
     fn drop(&mut self) {
         metrics::gauge!("changegate_streams_open", &self.labels).decrement(1.0);
+        tracing::info!(
+            target: "changegate::access",
+            route = self.wire.route(),
+            tenant = %self.tenant,
+            ms = self.opened.elapsed().as_millis() as u64,
+            "stream closed"
+        );
     }
 }
 
@@ -256,7 +267,8 @@ fn lagged(after: Duration) -> Bytes {
 
 /// The streaming response for a connection.
 pub fn response(connection: Connection) -> Response {
-    let Connection { prelude, subscription, after, heartbeat, retry, closing, wire, labels } = connection;
+    let Connection { prelude, subscription, after, heartbeat, retry, closing, wire, labels, tenant } =
+        connection;
     metrics::gauge!("changegate_streams_open", &labels).increment(1.0);
     let mut ticker = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -270,6 +282,8 @@ pub fn response(connection: Connection) -> Response {
         wire,
         done: false,
         labels,
+        tenant,
+        opened: Instant::now(),
     };
     let stream = futures_util::stream::unfold(state, |mut state| async move {
         if state.done {
