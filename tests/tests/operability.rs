@@ -96,3 +96,37 @@ async fn access_logs_are_json_lines_with_route_status_tenant_and_duration_and_ne
         assert!(!logs.contains(&secret[9..]), "a key leaked into the logs");
     }
 }
+
+#[tokio::test]
+async fn every_operation_in_the_openapi_document_is_served() {
+    let gw = Gateway::start(&[]).await;
+    let doc: serde_json::Value =
+        gw.http.get(gw.url("/openapi.json")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+    let mut operations = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in ["get", "post", "put", "patch", "delete"] {
+            if item.get(method).is_none() {
+                continue;
+            }
+            operations += 1;
+            let concrete = path.replace("{key}", "x").replace("{id}", "x");
+            let request = gw
+                .http
+                .request(
+                    reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).unwrap(),
+                    gw.url(&concrete),
+                )
+                .header("apikey", gw.dev_key("service"));
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            assert_ne!(status, 405, "{method} {path} is documented but not routed");
+            if status == 404 && response.headers()["content-type"] == "application/json" {
+                let body: serde_json::Value = response.json().await.unwrap();
+                let message = body["error"]["message"].as_str().unwrap_or_default();
+                assert!(!message.starts_with("no route for"), "{method} {path} is documented but not routed");
+            }
+        }
+    }
+    assert!(operations >= 25, "{operations} operations documented");
+}

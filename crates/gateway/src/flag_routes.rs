@@ -1,12 +1,10 @@
 //! Flag management (`/v1/environments`, `/v1/flags…`, `/v1/segments…`) and the three flag-stream
 //! dialects (`/api/v1/stream`, `/stream`, `/api/v1/flags/events`), all on the shared event model.
 
-use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use changegate_core::auth::Action;
 use changegate_core::{EnvironmentId, Feed, FeedKey, Filter, Principal};
 use changegate_flags::{FlagSpec, NewFlag, Rule, SegmentSpec};
@@ -17,22 +15,6 @@ use crate::auth::{QueryKey, authenticate};
 use crate::error::ApiError;
 use crate::routes::{AppState, Resume, open_stream};
 use crate::sse::Wire;
-
-/// The flag routes.
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/environments", get(list_environments).post(create_environment))
-        .route("/v1/flags", get(list_flags).post(create_flag))
-        .route("/v1/flags/{key}", get(get_flag).put(replace_flag).patch(patch_flag).delete(delete_flag))
-        .route("/v1/flags/{key}/rules", axum::routing::post(add_rule))
-        .route("/v1/flags/{key}/rules/{id}", axum::routing::put(replace_rule).delete(delete_rule))
-        .route("/v1/segments", get(list_segments).post(create_segment))
-        .route("/v1/segments/{key}", get(get_segment).put(replace_segment).delete(delete_segment))
-        .route("/v1/keys/{id}/rotate", axum::routing::post(rotate_key))
-        .route("/api/v1/stream", get(stream_a))
-        .route("/stream", get(stream_b))
-        .route("/api/v1/flags/events", get(stream_c))
-}
 
 fn query_param(raw: Option<&str>, name: &str) -> Result<Option<String>, ApiError> {
     let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.unwrap_or(""))
@@ -99,7 +81,7 @@ fn versioned(status: StatusCode, value: &impl serde::Serialize, version: u64) ->
     response
 }
 
-async fn list_environments(
+pub(crate) async fn list_environments(
     State(app): State<AppState>,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
@@ -109,7 +91,7 @@ async fn list_environments(
     Ok(axum::Json(json!({ "environments": environments })).into_response())
 }
 
-async fn create_environment(
+pub(crate) async fn create_environment(
     State(app): State<AppState>,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
@@ -135,7 +117,7 @@ async fn create_environment(
     Ok((StatusCode::CREATED, axum::Json(json!({ "name": name }))).into_response())
 }
 
-async fn list_flags(
+pub(crate) async fn list_flags(
     State(app): State<AppState>,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
@@ -146,7 +128,7 @@ async fn list_flags(
     Ok(axum::Json(json!({ "flags": state.flags.values().collect::<Vec<_>>() })).into_response())
 }
 
-async fn create_flag(
+pub(crate) async fn create_flag(
     State(app): State<AppState>,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
@@ -164,7 +146,7 @@ async fn create_flag(
     Ok(versioned(StatusCode::CREATED, &flag, flag.version))
 }
 
-async fn get_flag(
+pub(crate) async fn get_flag(
     State(app): State<AppState>,
     Path(key): Path<String>,
     headers: HeaderMap,
@@ -177,7 +159,7 @@ async fn get_flag(
     Ok(versioned(StatusCode::OK, flag, flag.version))
 }
 
-async fn replace_flag(
+pub(crate) async fn replace_flag(
     State(app): State<AppState>,
     Path(key): Path<String>,
     headers: HeaderMap,
@@ -195,7 +177,7 @@ async fn replace_flag(
     Ok(versioned(StatusCode::OK, &flag, flag.version))
 }
 
-async fn patch_flag(
+pub(crate) async fn patch_flag(
     State(app): State<AppState>,
     Path(key): Path<String>,
     headers: HeaderMap,
@@ -213,7 +195,7 @@ async fn patch_flag(
     Ok(versioned(StatusCode::OK, &flag, flag.version))
 }
 
-async fn delete_flag(
+pub(crate) async fn delete_flag(
     State(app): State<AppState>,
     Path(key): Path<String>,
     headers: HeaderMap,
@@ -228,7 +210,7 @@ async fn delete_flag(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-async fn add_rule(
+pub(crate) async fn add_rule(
     State(app): State<AppState>,
     Path(key): Path<String>,
     headers: HeaderMap,
@@ -246,7 +228,7 @@ async fn add_rule(
     Ok(versioned(StatusCode::CREATED, &flag, flag.version))
 }
 
-async fn replace_rule(
+pub(crate) async fn replace_rule(
     State(app): State<AppState>,
     Path((key, id)): Path<(String, String)>,
     headers: HeaderMap,
@@ -272,7 +254,7 @@ async fn replace_rule(
     Ok(versioned(StatusCode::OK, &flag, flag.version))
 }
 
-async fn delete_rule(
+pub(crate) async fn delete_rule(
     State(app): State<AppState>,
     Path((key, id)): Path<(String, String)>,
     headers: HeaderMap,
@@ -288,7 +270,7 @@ async fn delete_rule(
     Ok(versioned(StatusCode::OK, &flag, flag.version))
 }
 
-async fn list_segments(
+pub(crate) async fn list_segments(
     State(app): State<AppState>,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
@@ -299,7 +281,7 @@ async fn list_segments(
     Ok(axum::Json(json!({ "segments": state.segments.values().collect::<Vec<_>>() })).into_response())
 }
 
-async fn create_segment(
+pub(crate) async fn create_segment(
     State(app): State<AppState>,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
@@ -320,7 +302,7 @@ async fn create_segment(
     Ok(versioned(StatusCode::CREATED, &segment, segment.version))
 }
 
-async fn get_segment(
+pub(crate) async fn get_segment(
     State(app): State<AppState>,
     Path(key): Path<String>,
     headers: HeaderMap,
@@ -334,7 +316,7 @@ async fn get_segment(
     Ok(versioned(StatusCode::OK, segment, segment.version))
 }
 
-async fn replace_segment(
+pub(crate) async fn replace_segment(
     State(app): State<AppState>,
     Path(key): Path<String>,
     headers: HeaderMap,
@@ -355,7 +337,7 @@ async fn replace_segment(
     Ok(versioned(StatusCode::OK, &segment, segment.version))
 }
 
-async fn delete_segment(
+pub(crate) async fn delete_segment(
     State(app): State<AppState>,
     Path(key): Path<String>,
     headers: HeaderMap,
@@ -371,7 +353,7 @@ async fn delete_segment(
 }
 
 /// `POST /v1/keys/{id}/rotate` with `{"grace": "10m"}` (optional; default `0s`).
-async fn rotate_key(
+pub(crate) async fn rotate_key(
     State(app): State<AppState>,
     Path(id): Path<String>,
     headers: HeaderMap,
@@ -431,7 +413,7 @@ fn position_resume(headers: &HeaderMap) -> Result<Option<Resume>, ApiError> {
     })
 }
 
-async fn stream_a(
+pub(crate) async fn stream_a(
     State(app): State<AppState>,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
@@ -441,7 +423,7 @@ async fn stream_a(
     open_stream(&app, &principal, key, filter, resume, Wire::FlagsA, app.limits.flags_heartbeat[0]).await
 }
 
-async fn stream_b(
+pub(crate) async fn stream_b(
     State(app): State<AppState>,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
@@ -451,7 +433,7 @@ async fn stream_b(
     open_stream(&app, &principal, key, filter, resume, Wire::FlagsB, app.limits.flags_heartbeat[1]).await
 }
 
-async fn stream_c(
+pub(crate) async fn stream_c(
     State(app): State<AppState>,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,

@@ -10,7 +10,7 @@ use axum::extract::{RawQuery, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use changegate_core::auth::Action;
 use changegate_core::memory::Replay;
 use changegate_core::{CollectionName, Feed, FeedKey, Filter, Position, Topic, TopicPattern};
@@ -22,6 +22,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use crate::auth::{QueryKey, authenticate};
 use crate::engine::Engine;
 use crate::error::ApiError;
+use crate::flag_routes as fr;
 use crate::jwt::JwtVerifier;
 use crate::sse;
 
@@ -149,17 +150,51 @@ async fn console() -> Response {
     response
 }
 
+/// Declares every route once: the router is built from this list, and [`PATHS`] (checked
+/// against the OpenAPI document in a test) is the same list.
+macro_rules! api {
+    ($($path:literal => $route:expr,)*) => {
+        /// Every path the router serves.
+        pub const PATHS: &[&str] = &[$($path),*];
+
+        fn api() -> Router<AppState> {
+            Router::new()$(.route($path, $route))*
+        }
+    };
+}
+
+api! {
+    "/v1/events/subscribe" => get(subscribe),
+    "/v1/events/publish" => post(publish),
+    "/healthz" => get(healthz),
+    "/readyz" => get(readyz),
+    "/metrics" => get(metrics_text),
+    "/console" => get(console),
+    "/openapi.json" => get(openapi),
+    "/v1/environments" => get(fr::list_environments).post(fr::create_environment),
+    "/v1/flags" => get(fr::list_flags).post(fr::create_flag),
+    "/v1/flags/{key}" => get(fr::get_flag).put(fr::replace_flag).patch(fr::patch_flag).delete(fr::delete_flag),
+    "/v1/flags/{key}/rules" => post(fr::add_rule),
+    "/v1/flags/{key}/rules/{id}" => put(fr::replace_rule).delete(fr::delete_rule),
+    "/v1/segments" => get(fr::list_segments).post(fr::create_segment),
+    "/v1/segments/{key}" => get(fr::get_segment).put(fr::replace_segment).delete(fr::delete_segment),
+    "/v1/keys/{id}/rotate" => post(fr::rotate_key),
+    "/api/v1/stream" => get(fr::stream_a),
+    "/stream" => get(fr::stream_b),
+    "/api/v1/flags/events" => get(fr::stream_c),
+}
+
+/// The OpenAPI 3.1 document of every route.
+pub const OPENAPI: &str = include_str!("../static/openapi.json");
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
 /// The full router.
 pub fn router(state: AppState) -> Router {
     let cors = cors(&state.limits.cors_origins);
-    Router::new()
-        .route("/v1/events/subscribe", get(subscribe))
-        .route("/v1/events/publish", post(publish))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/console", get(console))
-        .route("/metrics", get(metrics_text))
-        .merge(crate::flag_routes::router())
+    api()
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(cors)
@@ -443,4 +478,21 @@ async fn publish(
     metrics::histogram!("changegate_publish_seconds").record(started.elapsed().as_secs_f64());
     let response = (StatusCode::ACCEPTED, axum::Json(json!({ "id": position.to_string() }))).into_response();
     Ok(for_tenant(response, &principal.tenant))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_openapi_document_lists_exactly_the_routed_paths() {
+        let doc: Value = serde_json::from_str(OPENAPI).unwrap();
+        assert_eq!(doc["openapi"], "3.1.0");
+        let mut documented: Vec<&str> =
+            doc["paths"].as_object().unwrap().keys().map(String::as_str).collect();
+        let mut routed = PATHS.to_vec();
+        documented.sort_unstable();
+        routed.sort_unstable();
+        assert_eq!(documented, routed);
+    }
 }
