@@ -268,6 +268,7 @@ async fn admin(command: Command, url: Option<&str>) -> anyhow::Result<()> {
 }
 
 async fn serve(args: Serve, database_url: Option<String>) -> anyhow::Result<()> {
+    let stop = shutdown_signal().context("installing the SIGTERM/SIGINT handlers")?;
     let limits = Limits {
         heartbeat: args.heartbeat,
         retry: args.retry,
@@ -318,7 +319,7 @@ async fn serve(args: Serve, database_url: Option<String>) -> anyhow::Result<()> 
     let closing = state.closing.clone();
     let server = changegate::run(listener, state, args.drain);
     let signal = async {
-        shutdown_signal().await;
+        stop.await;
         tracing::info!("shutting down: ending streams");
         closing.cancel();
         std::future::pending::<()>().await;
@@ -355,23 +356,25 @@ fn memory(
     Ok(changegate::memory_state(keys, retention, hub, jwt, limits))
 }
 
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(signal) => signal,
-            Err(error) => {
-                tracing::error!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the gateway");
-                let _ = interrupt.await;
-                return;
-            }
-        };
+/// Registers the SIGTERM and SIGINT handlers now — so a signal that arrives while the gateway
+/// is still starting is not lost to the default action — and resolves on the first of them.
+#[cfg(unix)]
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    Ok(async move {
         tokio::select! {
-            _ = interrupt => {}
             _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
         }
-    }
-    #[cfg(not(unix))]
-    let _ = interrupt.await;
+    })
+}
+
+/// Resolves on Ctrl-C.
+#[cfg(not(unix))]
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
 }
