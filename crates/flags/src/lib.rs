@@ -6,6 +6,7 @@
 //! crate never does I/O and never decides where state is stored.
 
 pub mod dialect;
+pub mod eval;
 pub mod memory;
 pub mod model;
 pub mod store;

@@ -333,6 +333,13 @@ pub fn check_condition(condition: &Condition) -> Result<(), FlagError> {
             condition.operator, condition.attribute
         )));
     }
+    if condition.operator == Operator::Matches
+        && condition.values.first().and_then(Value::as_str).is_none_or(|p| p.len() > 256)
+    {
+        return Err(FlagError::Invalid(
+            "a `matches` pattern must be a string of at most 256 characters".into(),
+        ));
+    }
     if !single && condition.values.is_empty() {
         return Err(FlagError::Invalid(format!(
             "operator {:?} needs at least one value",
