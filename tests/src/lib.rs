@@ -490,6 +490,20 @@ impl Drop for TestDb {
     }
 }
 
+/// `tests/<name>`, with its npm packages installed (`npm ci`, once).
+pub fn npm_project(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(name);
+    if !dir.join("node_modules").exists() {
+        let status = std::process::Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund", "--silent"])
+            .current_dir(&dir)
+            .status()
+            .expect("npm runs");
+        assert!(status.success(), "npm ci in tests/{name} failed");
+    }
+    dir
+}
+
 /// Headless Chromium (Debian's `/usr/bin/chromium`), driven through `tests/browser/driver.mjs`
 /// (playwright-core): the tests send it JSON commands and read JSON answers.
 pub struct Browser {
@@ -507,15 +521,7 @@ impl Browser {
             eprintln!("SKIPPED: no Chromium at {chromium}; `.ci/run` installs it (apt-get install chromium)");
             return None;
         }
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("browser");
-        if !dir.join("node_modules/playwright-core").exists() {
-            let status = std::process::Command::new("npm")
-                .args(["ci", "--no-audit", "--no-fund", "--silent"])
-                .current_dir(&dir)
-                .status()
-                .expect("npm runs");
-            assert!(status.success(), "npm ci in tests/browser failed");
-        }
+        let dir = npm_project("browser");
         let mut child = Command::new("node")
             .arg(dir.join("driver.mjs"))
             .env("CHROMIUM", &chromium)

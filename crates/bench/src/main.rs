@@ -74,6 +74,11 @@ enum Scenario {
         #[arg(long, default_value_t = 200)]
         events: u64,
     },
+    /// Flag evaluation in-process (the OFREP engine): time per evaluation by kind of flag.
+    Eval {
+        #[arg(long, default_value_t = 200_000)]
+        iterations: u32,
+    },
     /// K clients drop and reconnect with Last-Event-ID at once while publishing continues.
     Reconnect {
         #[arg(long, default_value_t = 1000)]
@@ -206,6 +211,10 @@ async fn main() -> anyhow::Result<()> {
             tenants_scenario(&binary, tenants, subscribers, events).await
         }
         Scenario::Reconnect { clients, rate, seconds } => reconnect(&binary, clients, rate, seconds).await,
+        Scenario::Eval { iterations } => {
+            eval(iterations);
+            Ok(())
+        }
     }
 }
 
@@ -494,4 +503,54 @@ async fn reconnect(binary: &std::path::Path, clients: usize, rate: u64, seconds:
         ),
     );
     Ok(())
+}
+
+fn eval(iterations: u32) {
+    use changegate_flags::eval::evaluate;
+    let flag = |rules: Value| -> changegate_flags::Flag {
+        serde_json::from_value(json!({
+            "key": "checkout", "environment": "prod", "name": "checkout", "description": "", "enabled": true,
+            "variants": {"a": "A", "b": "B"}, "defaultVariant": "a", "tags": [], "rules": rules, "version": 1,
+            "createdAt": "", "updatedAt": ""
+        }))
+        .unwrap_or_else(|e| panic!("bench flag: {e}"))
+    };
+    let context: serde_json::Map<String, Value> = serde_json::from_value(
+        json!({"targetingKey": "user-42", "country": "NL", "plan": "pro", "age": 42, "email": "ada@example.com", "version": "2.3.4"}),
+    )
+    .unwrap_or_default();
+    let kinds = [
+        ("static", flag(json!([]))),
+        (
+            "3 conditions",
+            flag(json!([{"id": "r", "conditions": [
+            {"attribute": "country", "operator": "in", "values": ["BE", "NL"]},
+            {"attribute": "age", "operator": "gte", "values": [18]},
+            {"attribute": "version", "operator": "semver_gt", "values": ["2.0.0"]}], "serve": {"variant": "b"}}])),
+        ),
+        (
+            "rollout",
+            flag(
+                json!([{"id": "r", "serve": {"rollout": [{"variant": "a", "weight": 50}, {"variant": "b", "weight": 50}]}}]),
+            ),
+        ),
+        (
+            "regex",
+            flag(json!([{"id": "r", "conditions": [
+            {"attribute": "email", "operator": "matches", "values": ["^[a-z]+@example\\.com$"]}], "serve": {"variant": "b"}}])),
+        ),
+    ];
+    let segments = std::collections::BTreeMap::new();
+    for (kind, flag) in &kinds {
+        let started = Instant::now();
+        for _ in 0..iterations {
+            std::hint::black_box(evaluate(std::hint::black_box(flag), &segments, &context).is_ok());
+        }
+        let ns = started.elapsed().as_nanos() as f64 / f64::from(iterations);
+        report(
+            "eval",
+            json!({"flag": kind, "iterations": iterations, "ns_per_evaluation": ns}),
+            format!("{kind} | {ns:.0} ns/evaluation"),
+        );
+    }
 }

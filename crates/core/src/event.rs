@@ -241,9 +241,11 @@ pub enum Dialect {
     FlagsB = 2,
     /// `/api/v1/flags/events`: the event and data lines (the `id:` is per connection).
     FlagsC = 3,
+    /// `/ofrep/v1/events`: `refetchEvaluation` notices.
+    Ofrep = 4,
 }
 
-const DIALECTS: usize = 4;
+const DIALECTS: usize = 5;
 
 /// An event as the hub fans it out: the event plus its per-dialect encodings, computed lazily
 /// once and then shared (as cheap `Bytes` clones) by every subscriber.

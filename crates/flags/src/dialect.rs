@@ -71,6 +71,22 @@ pub fn encode_c(event: &Event) -> Bytes {
     }
 }
 
+/// OFREP change notifications (`/ofrep/v1/events`): any flag, rule, segment or configuration
+/// change of the environment is `data: {"type":"refetchEvaluation","etag":…,"lastModified":…}`
+/// with `id:`; the `etag` names the change, `lastModified` is its Unix time in seconds.
+pub fn encode_ofrep(event: &Event) -> Bytes {
+    if !matches!(event.body, EventBody::Flag { .. } | EventBody::Config { .. }) {
+        return Bytes::new();
+    }
+    let id = event.position.to_string();
+    let data = json!({
+        "type": "refetchEvaluation",
+        "etag": format!("\"{id}\""),
+        "lastModified": event.at.as_millis() / 1000,
+    });
+    message(Some(&id), None, &data.to_string())
+}
+
 /// Dialect C's heartbeat event.
 pub const HEARTBEAT_C: &[u8] = b"event: heartbeat\ndata: {}\n\n";
 

@@ -5,7 +5,8 @@
 //! `SHA-256("<flag key>/<targetingKey>")` as a big-endian `u64`, modulo 10 000; a rollout's
 //! shares are laid out in order over 0‥10 000 (weight × 100 each).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
@@ -159,13 +160,31 @@ fn version(value: &Value) -> Option<semver::Version> {
 }
 
 /// Patterns are bounded: at most 256 characters (checked when the flag is written) and a
-/// compiled size of 64 KiB, so no rule can make evaluation slow or memory-hungry.
+/// compiled size of 64 KiB, so no rule can make evaluation slow or memory-hungry. Compiled
+/// patterns are kept (at most 1 024; the set is emptied when full): compiling costs ~15 µs,
+/// matching well under one.
 fn matches(pattern: &str, text: &str) -> bool {
-    regex::RegexBuilder::new(pattern)
-        .size_limit(64 * 1024)
-        .dfa_size_limit(64 * 1024)
-        .build()
-        .is_ok_and(|re| re.is_match(text))
+    static COMPILED: OnceLock<Mutex<HashMap<String, Option<Arc<regex::Regex>>>>> = OnceLock::new();
+    let cache = COMPILED.get_or_init(Mutex::default);
+    let known = cache.lock().unwrap_or_else(PoisonError::into_inner).get(pattern).cloned();
+    let compiled = match known {
+        Some(compiled) => compiled,
+        None => {
+            let compiled = regex::RegexBuilder::new(pattern)
+                .size_limit(64 * 1024)
+                .dfa_size_limit(64 * 1024)
+                .build()
+                .ok()
+                .map(Arc::new);
+            let mut cache = cache.lock().unwrap_or_else(PoisonError::into_inner);
+            if cache.len() >= 1024 {
+                cache.clear();
+            }
+            cache.insert(pattern.to_owned(), compiled.clone());
+            compiled
+        }
+    };
+    compiled.is_some_and(|re| re.is_match(text))
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ pub mod error;
 pub mod flag_routes;
 pub mod jwt;
 pub mod keys;
+pub mod ofrep;
 pub mod routes;
 pub mod sse;
 
@@ -100,5 +101,6 @@ pub fn state(
         closing,
         revocations: routes::Revocations::default(),
         metrics: None,
+        ofrep_rate: ofrep::RateLimiter::default(),
     }
 }

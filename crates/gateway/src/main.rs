@@ -150,6 +150,9 @@ struct Serve {
     /// Origins browsers may call from, comma-separated; `*` allows any.
     #[arg(long, env = "CHANGEGATE_CORS_ORIGINS", value_delimiter = ',', default_value = "*")]
     cors_origins: Vec<String>,
+    /// OFREP evaluations allowed per second per key (0: unlimited); over it, `429` + `Retry-After`.
+    #[arg(long, env = "CHANGEGATE_OFREP_RATE_LIMIT", default_value_t = 100)]
+    ofrep_rate_limit: u32,
     /// Label stream metrics with the tenant (one series per tenant: mind the cardinality).
     #[arg(long, env = "CHANGEGATE_METRICS_TENANTS")]
     metrics_tenants: bool,
@@ -303,6 +306,7 @@ async fn serve(args: Serve, database_url: Option<String>) -> anyhow::Result<()> 
         None => memory(&args, hub, jwt, limits)?,
     };
     let mut state = state;
+    state.ofrep_rate = changegate::ofrep::RateLimiter::new(args.ofrep_rate_limit);
     state.metrics = Some(
         metrics_exporter_prometheus::PrometheusBuilder::new()
             .set_buckets(&[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5])?

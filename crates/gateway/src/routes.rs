@@ -56,6 +56,8 @@ pub struct AppState {
     pub closing: CancellationToken,
     /// Streams by key, to close them when their key is revoked.
     pub revocations: Revocations,
+    /// Per-key request budget of the OFREP evaluation routes.
+    pub ofrep_rate: crate::ofrep::RateLimiter,
     /// The Prometheus recorder's handle, when one is installed (the binary installs one).
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
@@ -182,6 +184,9 @@ api! {
     "/api/v1/stream" => get(fr::stream_a),
     "/stream" => get(fr::stream_b),
     "/api/v1/flags/events" => get(fr::stream_c),
+    "/ofrep/v1/evaluate/flags/{key}" => post(crate::ofrep::evaluate_one),
+    "/ofrep/v1/evaluate/flags" => post(crate::ofrep::evaluate_bulk),
+    "/ofrep/v1/events" => get(crate::ofrep::events),
 }
 
 /// The OpenAPI 3.1 document of every route.

@@ -119,6 +119,8 @@ pub enum Wire {
         /// The last id sent on this connection.
         last_id: u64,
     },
+    /// `/ofrep/v1/events`: `refetchEvaluation` notices, a burst coalesced into one.
+    Ofrep,
 }
 
 impl Wire {
@@ -129,6 +131,7 @@ impl Wire {
             Self::Realtime => frame.encoded(Dialect::Realtime, encode_realtime),
             Self::FlagsA => frame.encoded(Dialect::FlagsA, dialect::encode_a),
             Self::FlagsB => frame.encoded(Dialect::FlagsB, dialect::encode_b),
+            Self::Ofrep => frame.encoded(Dialect::Ofrep, dialect::encode_ofrep),
             Self::FlagsC { last_id } => {
                 let block = frame.encoded(Dialect::FlagsC, dialect::encode_c);
                 if block.is_empty() {
@@ -149,12 +152,13 @@ impl Wire {
             Self::FlagsA => "/api/v1/stream",
             Self::FlagsB => "/stream",
             Self::FlagsC { .. } => "/api/v1/flags/events",
+            Self::Ofrep => "/ofrep/v1/events",
         }
     }
 
     fn heartbeat(&self) -> Bytes {
         match self {
-            Self::Realtime | Self::FlagsA => Bytes::from_static(HEARTBEAT),
+            Self::Realtime | Self::FlagsA | Self::Ofrep => Bytes::from_static(HEARTBEAT),
             Self::FlagsB => dialect::ping_b(Timestamp::now()),
             Self::FlagsC { .. } => Bytes::from_static(dialect::HEARTBEAT_C),
         }
@@ -242,6 +246,12 @@ impl State {
             match self.subscription.try_recv() {
                 Ok(Some(frame)) if self.fresh(&frame) => {
                     let next = self.wire.encode(&frame);
+                    if matches!(self.wire, Wire::Ofrep) && !next.is_empty() {
+                        // A refetch notice covers everything before it: send only the last.
+                        out = Some(BytesMut::from(&next[..]));
+                        sent = 1;
+                        continue;
+                    }
                     sent += u64::from(!next.is_empty());
                     let out = out.get_or_insert_with(|| BytesMut::from(&first[..]));
                     out.extend_from_slice(&next);
