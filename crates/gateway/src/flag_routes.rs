@@ -2,7 +2,8 @@
 //! dialects (`/api/v1/stream`, `/stream`, `/api/v1/flags/events`), all on the shared event model.
 
 use axum::body::Bytes;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{FromRequestParts, Path, RawQuery, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use changegate_core::auth::Action;
@@ -22,17 +23,43 @@ fn query_param(raw: Option<&str>, name: &str) -> Result<Option<String>, ApiError
     Ok(pairs.into_iter().find(|(n, _)| n == name).map(|(_, v)| v))
 }
 
-async fn manager(app: &AppState, headers: &HeaderMap, raw: Option<&str>) -> Result<Principal, ApiError> {
-    let apikey = query_param(raw, "apikey")?;
-    authenticate(
-        &app.engine,
-        app.jwt.as_ref(),
-        headers,
-        apikey.as_deref(),
-        QueryKey::Refused,
-        Action::ManageFlags,
-    )
-    .await
+/// An authenticated flag manager (service key or JWT).
+pub(crate) struct Manager(Principal);
+
+impl FromRequestParts<AppState> for Manager {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, ApiError> {
+        let apikey = query_param(parts.uri.query(), "apikey")?;
+        let principal = authenticate(
+            &app.engine,
+            app.jwt.as_ref(),
+            &parts.headers,
+            apikey.as_deref(),
+            QueryKey::Refused,
+            Action::ManageFlags,
+        )
+        .await?;
+        Ok(Self(principal))
+    }
+}
+
+/// A management request on one environment, with its `If-Match` version.
+pub(crate) struct Scoped {
+    principal: Principal,
+    env: EnvironmentId,
+    expected: Option<u64>,
+}
+
+impl FromRequestParts<AppState> for Scoped {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, ApiError> {
+        let Manager(principal) = Manager::from_request_parts(parts, app).await?;
+        let env = environment(&principal, parts.uri.query())?;
+        let expected = if_match(&parts.headers)?;
+        Ok(Self { principal, env, expected })
+    }
 }
 
 /// The environment a management request acts on: `?environment=`, or the key's own; a key
@@ -83,21 +110,19 @@ fn versioned(status: StatusCode, value: &impl serde::Serialize, version: u64) ->
 
 pub(crate) async fn list_environments(
     State(app): State<AppState>,
-    headers: HeaderMap,
-    RawQuery(raw): RawQuery,
+    manager: Manager,
 ) -> Result<Response, ApiError> {
-    let principal = manager(&app, &headers, raw.as_deref()).await?;
+    let Manager(principal) = manager;
     let environments = app.engine.environments(&principal.tenant).await?;
     Ok(axum::Json(json!({ "environments": environments })).into_response())
 }
 
 pub(crate) async fn create_environment(
     State(app): State<AppState>,
-    headers: HeaderMap,
-    RawQuery(raw): RawQuery,
+    manager: Manager,
     bytes: Bytes,
 ) -> Result<Response, ApiError> {
-    let principal = manager(&app, &headers, raw.as_deref()).await?;
+    let Manager(principal) = manager;
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]
     struct NewEnvironment {
@@ -117,25 +142,18 @@ pub(crate) async fn create_environment(
     Ok((StatusCode::CREATED, axum::Json(json!({ "name": name }))).into_response())
 }
 
-pub(crate) async fn list_flags(
-    State(app): State<AppState>,
-    headers: HeaderMap,
-    RawQuery(raw): RawQuery,
-) -> Result<Response, ApiError> {
-    let principal = manager(&app, &headers, raw.as_deref()).await?;
-    let env = environment(&principal, raw.as_deref())?;
+pub(crate) async fn list_flags(State(app): State<AppState>, scope: Scoped) -> Result<Response, ApiError> {
+    let Scoped { principal, env, .. } = scope;
     let state = app.engine.flags(&principal.tenant, &env).await?;
     Ok(axum::Json(json!({ "flags": state.flags.values().collect::<Vec<_>>() })).into_response())
 }
 
 pub(crate) async fn create_flag(
     State(app): State<AppState>,
-    headers: HeaderMap,
-    RawQuery(raw): RawQuery,
+    scope: Scoped,
     bytes: Bytes,
 ) -> Result<Response, ApiError> {
-    let principal = manager(&app, &headers, raw.as_deref()).await?;
-    let env = environment(&principal, raw.as_deref())?;
+    let Scoped { principal, env, .. } = scope;
     let new = NewFlag::from_value(body(&bytes)?)
         .map_err(|e| ApiError::bad_request("invalid_json", e.to_string()))?;
     let name = env.to_string();
@@ -149,11 +167,9 @@ pub(crate) async fn create_flag(
 pub(crate) async fn get_flag(
     State(app): State<AppState>,
     Path(key): Path<String>,
-    headers: HeaderMap,
-    RawQuery(raw): RawQuery,
+    scope: Scoped,
 ) -> Result<Response, ApiError> {
-    let principal = manager(&app, &headers, raw.as_deref()).await?;
-    let env = environment(&principal, raw.as_deref())?;
+    let Scoped { principal, env, .. } = scope;
     let state = app.engine.flags(&principal.tenant, &env).await?;
     let flag = state.flags.get(&key).ok_or_else(|| ApiError::Missing(format!("flag `{key}` not found")))?;
     Ok(versioned(StatusCode::OK, flag, flag.version))
@@ -162,14 +178,11 @@ pub(crate) async fn get_flag(
 pub(crate) async fn replace_flag(
     State(app): State<AppState>,
     Path(key): Path<String>,
-    headers: HeaderMap,
-    RawQuery(raw): RawQuery,
+    scope: Scoped,
     bytes: Bytes,
 ) -> Result<Response, ApiError> {
-    let principal = manager(&app, &headers, raw.as_deref()).await?;
-    let env = environment(&principal, raw.as_deref())?;
+    let Scoped { principal, env, expected } = scope;
     let spec: FlagSpec = body(&bytes)?;
-    let expected = if_match(&headers)?;
     let flag = app
         .engine
         .write_flags(&principal.tenant, &env, move |state, now| state.replace_flag(&key, spec, expected, now))
@@ -180,14 +193,11 @@ pub(crate) async fn replace_flag(
 pub(crate) async fn patch_flag(
     State(app): State<AppState>,
     Path(key): Path<String>,
-    headers: HeaderMap,
-    RawQuery(raw): RawQuery,
+    scope: Scoped,
     bytes: Bytes,
 ) -> Result<Response, ApiError> {
-    let principal = manager(&app, &headers, raw.as_deref()).await?;
-    let env = environment(&principal, raw.as_deref())?;
+    let Scoped { principal, env, expected } = scope;
     let patch: Value = body(&bytes)?;
-    let expected = if_match(&headers)?;
     let flag = app
         .engine
         .write_flags(&principal.tenant, &env, move |state, now| state.patch_flag(&key, &patch, expected, now))
@@ -198,12 +208,9 @@ pub(crate) async fn patch_flag(
 pub(crate) async fn delete_flag(
     State(app): State<AppState>,
     Path(key): Path<String>,
-    headers: HeaderMap,
-    RawQuery(raw): RawQuery,
+    scope: Scoped,
 ) -> Result<Response, ApiError> {
-    let principal = manager(&app, &headers, raw.as_deref()).await?;
-    let env = environment(&principal, raw.as_deref())?;
-    let expected = if_match(&headers)?;
+    let Scoped { principal, env, expected } = scope;
     app.engine
         .write_flags(&principal.tenant, &env, move |state, _| Ok(((), state.delete_flag(&key, expected)?)))
         .await?;
@@ -213,14 +220,11 @@ pub(crate) async fn delete_flag(
 pub(crate) async fn add_rule(
     State(app): State<AppState>,
     Path(key): Path<String>,
-    headers: HeaderMap,
-    RawQuery(raw): RawQuery,
+    scope: Scoped,
     bytes: Bytes,
 ) -> Result<Response, ApiError> {
-    let principal = manager(&app, &headers, raw.as_deref()).await?;
-    let env = environment(&principal, raw.as_deref())?;
+    let Scoped { principal, env, expected } = scope;
     let rule: Rule = body(&bytes)?;
-    let expected = if_match(&headers)?;
     let flag = app
         .engine
         .write_flags(&principal.tenant, &env, move |state, now| state.add_rule(&key, rule, expected, now))
@@ -231,12 +235,10 @@ pub(crate) async fn add_rule(
 pub(crate) async fn replace_rule(
     State(app): State<AppState>,
     Path((key, id)): Path<(String, String)>,
-    headers: HeaderMap,
-    RawQuery(raw): RawQuery,
+    scope: Scoped,
     bytes: Bytes,
 ) -> Result<Response, ApiError> {
-    let principal = manager(&app, &headers, raw.as_deref()).await?;
-    let env = environment(&principal, raw.as_deref())?;
+    let Scoped { principal, env, expected } = scope;
     let mut rule: Value = body(&bytes)?;
     // The id comes from the path; a body may omit it.
     if let Some(object) = rule.as_object_mut() {
@@ -244,7 +246,6 @@ pub(crate) async fn replace_rule(
     }
     let rule: Rule =
         serde_json::from_value(rule).map_err(|e| ApiError::bad_request("invalid_json", e.to_string()))?;
-    let expected = if_match(&headers)?;
     let flag = app
         .engine
         .write_flags(&principal.tenant, &env, move |state, now| {
@@ -257,12 +258,9 @@ pub(crate) async fn replace_rule(
 pub(crate) async fn delete_rule(
     State(app): State<AppState>,
     Path((key, id)): Path<(String, String)>,
-    headers: HeaderMap,
-    RawQuery(raw): RawQuery,
+    scope: Scoped,
 ) -> Result<Response, ApiError> {
-    let principal = manager(&app, &headers, raw.as_deref()).await?;
-    let env = environment(&principal, raw.as_deref())?;
-    let expected = if_match(&headers)?;
+    let Scoped { principal, env, expected } = scope;
     let flag = app
         .engine
         .write_flags(&principal.tenant, &env, move |state, now| state.delete_rule(&key, &id, expected, now))
@@ -270,25 +268,18 @@ pub(crate) async fn delete_rule(
     Ok(versioned(StatusCode::OK, &flag, flag.version))
 }
 
-pub(crate) async fn list_segments(
-    State(app): State<AppState>,
-    headers: HeaderMap,
-    RawQuery(raw): RawQuery,
-) -> Result<Response, ApiError> {
-    let principal = manager(&app, &headers, raw.as_deref()).await?;
-    let env = environment(&principal, raw.as_deref())?;
+pub(crate) async fn list_segments(State(app): State<AppState>, scope: Scoped) -> Result<Response, ApiError> {
+    let Scoped { principal, env, .. } = scope;
     let state = app.engine.flags(&principal.tenant, &env).await?;
     Ok(axum::Json(json!({ "segments": state.segments.values().collect::<Vec<_>>() })).into_response())
 }
 
 pub(crate) async fn create_segment(
     State(app): State<AppState>,
-    headers: HeaderMap,
-    RawQuery(raw): RawQuery,
+    scope: Scoped,
     bytes: Bytes,
 ) -> Result<Response, ApiError> {
-    let principal = manager(&app, &headers, raw.as_deref()).await?;
-    let env = environment(&principal, raw.as_deref())?;
+    let Scoped { principal, env, .. } = scope;
     let spec: SegmentSpec = body(&bytes)?;
     let key =
         spec.key.clone().ok_or_else(|| ApiError::bad_request("invalid_json", "a segment needs a `key`"))?;
@@ -305,11 +296,9 @@ pub(crate) async fn create_segment(
 pub(crate) async fn get_segment(
     State(app): State<AppState>,
     Path(key): Path<String>,
-    headers: HeaderMap,
-    RawQuery(raw): RawQuery,
+    scope: Scoped,
 ) -> Result<Response, ApiError> {
-    let principal = manager(&app, &headers, raw.as_deref()).await?;
-    let env = environment(&principal, raw.as_deref())?;
+    let Scoped { principal, env, .. } = scope;
     let state = app.engine.flags(&principal.tenant, &env).await?;
     let segment =
         state.segments.get(&key).ok_or_else(|| ApiError::Missing(format!("segment `{key}` not found")))?;
@@ -319,14 +308,11 @@ pub(crate) async fn get_segment(
 pub(crate) async fn replace_segment(
     State(app): State<AppState>,
     Path(key): Path<String>,
-    headers: HeaderMap,
-    RawQuery(raw): RawQuery,
+    scope: Scoped,
     bytes: Bytes,
 ) -> Result<Response, ApiError> {
-    let principal = manager(&app, &headers, raw.as_deref()).await?;
-    let env = environment(&principal, raw.as_deref())?;
+    let Scoped { principal, env, expected } = scope;
     let spec: SegmentSpec = body(&bytes)?;
-    let expected = if_match(&headers)?;
     let name = env.to_string();
     let segment = app
         .engine
@@ -340,12 +326,9 @@ pub(crate) async fn replace_segment(
 pub(crate) async fn delete_segment(
     State(app): State<AppState>,
     Path(key): Path<String>,
-    headers: HeaderMap,
-    RawQuery(raw): RawQuery,
+    scope: Scoped,
 ) -> Result<Response, ApiError> {
-    let principal = manager(&app, &headers, raw.as_deref()).await?;
-    let env = environment(&principal, raw.as_deref())?;
-    let expected = if_match(&headers)?;
+    let Scoped { principal, env, expected } = scope;
     app.engine
         .write_flags(&principal.tenant, &env, move |state, _| Ok(((), state.delete_segment(&key, expected)?)))
         .await?;
@@ -356,11 +339,10 @@ pub(crate) async fn delete_segment(
 pub(crate) async fn rotate_key(
     State(app): State<AppState>,
     Path(id): Path<String>,
-    headers: HeaderMap,
-    RawQuery(raw): RawQuery,
+    manager: Manager,
     bytes: Bytes,
 ) -> Result<Response, ApiError> {
-    let principal = manager(&app, &headers, raw.as_deref()).await?;
+    let Manager(principal) = manager;
     #[derive(serde::Deserialize, Default)]
     #[serde(deny_unknown_fields)]
     struct RotateBody {

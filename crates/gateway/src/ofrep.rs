@@ -12,6 +12,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use changegate_core::auth::Action;
 use changegate_core::{EnvironmentId, Feed, FeedKey, Filter, Principal, Role};
+use changegate_flags::Environment as FlagEnvironment;
 use changegate_flags::eval::{EvalError, Resolution, evaluate};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
@@ -138,6 +139,29 @@ fn context(bytes: &Bytes) -> Result<Map<String, Value>, (&'static str, String)> 
     }
 }
 
+/// What both evaluation routes start with: the caller, its context, and its environment's
+/// flags — or the protocol-shaped error response (naming `key` when there is one).
+async fn load(
+    app: &AppState,
+    headers: &HeaderMap,
+    raw: Option<&str>,
+    bytes: &Bytes,
+    key: Option<&str>,
+) -> Result<(Principal, EnvironmentId, Map<String, Value>, FlagEnvironment), Response> {
+    let (principal, environment) = caller(app, headers, raw, QueryKey::Refused).await?;
+    let context =
+        context(bytes).map_err(|(code, details)| failure(StatusCode::BAD_REQUEST, key, code, &details))?;
+    let state =
+        app.engine.flags(&principal.tenant, &environment).await.map_err(|error| match (error, key) {
+            (ApiError::Missing(details), Some(_)) => {
+                failure(StatusCode::NOT_FOUND, key, "FLAG_NOT_FOUND", &details)
+            }
+            (ApiError::Missing(details), None) => failure(StatusCode::BAD_REQUEST, None, "GENERAL", &details),
+            (error, _) => failure(StatusCode::INTERNAL_SERVER_ERROR, None, "GENERAL", &error.to_string()),
+        })?;
+    Ok((principal, environment, context, state))
+}
+
 /// `POST /ofrep/v1/evaluate/flags/{key}`.
 pub(crate) async fn evaluate_one(
     State(app): State<AppState>,
@@ -146,20 +170,9 @@ pub(crate) async fn evaluate_one(
     RawQuery(raw): RawQuery,
     bytes: Bytes,
 ) -> Response {
-    let (principal, environment) = match caller(&app, &headers, raw.as_deref(), QueryKey::Refused).await {
-        Ok(found) => found,
+    let (_, _, context, state) = match load(&app, &headers, raw.as_deref(), &bytes, Some(&key)).await {
+        Ok(loaded) => loaded,
         Err(response) => return response,
-    };
-    let context = match context(&bytes) {
-        Ok(context) => context,
-        Err((code, details)) => return failure(StatusCode::BAD_REQUEST, Some(&key), code, &details),
-    };
-    let state = match app.engine.flags(&principal.tenant, &environment).await {
-        Ok(state) => state,
-        Err(ApiError::Missing(details)) => {
-            return failure(StatusCode::NOT_FOUND, Some(&key), "FLAG_NOT_FOUND", &details);
-        }
-        Err(error) => return failure(StatusCode::INTERNAL_SERVER_ERROR, None, "GENERAL", &error.to_string()),
     };
     let Some(flag) = state.flags.get(&key) else {
         return failure(
@@ -188,21 +201,11 @@ pub(crate) async fn evaluate_bulk(
     RawQuery(raw): RawQuery,
     bytes: Bytes,
 ) -> Response {
-    let (principal, environment) = match caller(&app, &headers, raw.as_deref(), QueryKey::Refused).await {
-        Ok(found) => found,
-        Err(response) => return response,
-    };
-    let context = match context(&bytes) {
-        Ok(context) => context,
-        Err((code, details)) => return failure(StatusCode::BAD_REQUEST, None, code, &details),
-    };
-    let state = match app.engine.flags(&principal.tenant, &environment).await {
-        Ok(state) => state,
-        Err(ApiError::Missing(details)) => {
-            return failure(StatusCode::BAD_REQUEST, None, "GENERAL", &details);
-        }
-        Err(error) => return failure(StatusCode::INTERNAL_SERVER_ERROR, None, "GENERAL", &error.to_string()),
-    };
+    let (principal, environment, context, state) =
+        match load(&app, &headers, raw.as_deref(), &bytes, None).await {
+            Ok(loaded) => loaded,
+            Err(response) => return response,
+        };
     let flags: Vec<Value> = state
         .flags
         .values()
