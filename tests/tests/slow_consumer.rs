@@ -102,3 +102,44 @@ async fn a_stalled_reader_is_disconnected_with_a_retry_hint_and_resumes_without_
     }
     assert_eq!(received, published);
 }
+
+#[tokio::test]
+async fn a_reader_that_never_reads_again_is_disconnected_after_the_write_timeout() {
+    // A hub buffer so large the reader never lags: only the blocked socket can reveal it.
+    let gw = Arc::new(Gateway::start(&["--buffer", "100000", "--write-timeout", "1s"]).await);
+    let address = gw.base.trim_start_matches("http://").parse().unwrap();
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket.connect(address).await.unwrap();
+    let request = format!(
+        "GET /v1/events/subscribe?topic=flood&apikey={} HTTP/1.1\r\nHost: test\r\n\r\n",
+        gw.dev_key("anon")
+    );
+    stalled.write_all(request.as_bytes()).await.unwrap();
+    let mut head = vec![0u8; 512];
+    let _ = tokio::time::timeout(PATIENCE, stalled.read(&mut head)).await.unwrap().unwrap();
+    // Fill every buffer between the gateway and this reader, then never read.
+    let padding = "x".repeat(8 * 1024);
+    for i in 0..1500 {
+        gw.publish(gw.dev_key("publish"), "flood", json!({"i": i, "pad": padding})).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The gateway gave up on it: draining what the kernel holds ends in EOF or a reset (either
+    // is fine), not in the response's last chunk.
+    let mut rest = Vec::new();
+    let outcome = tokio::time::timeout(Duration::from_secs(20), stalled.read_to_end(&mut rest)).await;
+    assert!(outcome.is_ok(), "the connection was closed by the gateway");
+    assert!(!rest.ends_with(b"\r\n0\r\n\r\n"), "the response did not end normally");
+    let metrics = gw.http.get(gw.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("changegate_stalled_connections_closed_total ") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    // Everyone else is unaffected.
+    let mut fresh =
+        gw.sse(&format!("/v1/events/subscribe?topic=flood&apikey={}", gw.dev_key("anon")), &[]).await;
+    let id = gw.publish(gw.dev_key("publish"), "flood", json!("after")).await;
+    assert_eq!(fresh.next_event().await.id(), Some(id.as_str()));
+}

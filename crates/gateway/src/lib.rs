@@ -14,12 +14,12 @@ pub mod keys;
 pub mod ofrep;
 pub mod routes;
 pub mod sse;
+pub mod stall;
 
 use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use engine::Engine;
@@ -27,7 +27,7 @@ pub use routes::{AppState, Limits};
 
 /// Runs the server on `listener` until `closing` is cancelled, then ends every stream with a
 /// `retry:` hint and waits up to `drain` for connections to finish.
-pub async fn run(listener: TcpListener, state: AppState, drain: Duration) -> std::io::Result<()> {
+pub async fn run(listener: stall::StallGuard, state: AppState, drain: Duration) -> std::io::Result<()> {
     let closing = state.closing.clone();
     if let Some(mut revoked) = state.engine.revocations() {
         let revocations = state.revocations.clone();

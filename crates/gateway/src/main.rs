@@ -186,6 +186,9 @@ struct Serve {
     /// Largest accepted publish body, in bytes.
     #[arg(long, env = "CHANGEGATE_MAX_BODY", default_value_t = 256 * 1024)]
     max_body: usize,
+    /// A write blocked this long closes its connection (a peer that stopped reading, or vanished).
+    #[arg(long, env = "CHANGEGATE_WRITE_TIMEOUT", default_value = "30s", value_parser = duration)]
+    write_timeout: Duration,
     /// How long shutdown waits for streams to drain.
     #[arg(long, env = "CHANGEGATE_DRAIN", default_value = "5s", value_parser = duration)]
     drain: Duration,
@@ -321,6 +324,7 @@ async fn serve(args: Serve, database_url: Option<String>) -> anyhow::Result<()> 
     }
 
     let closing = state.closing.clone();
+    let listener = changegate::stall::StallGuard::new(listener, args.write_timeout);
     let server = changegate::run(listener, state, args.drain);
     let signal = async {
         stop.await;
