@@ -166,3 +166,25 @@ mod tests {
         assert_eq!(v.verify(&tampered, NOW), Err(JwtError::Signature));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn any_text_is_refused_without_panicking(token in "\\PC{0,300}") {
+            prop_assert!(JwtVerifier::new(b"secret").verify(&token, 1_800_000_000).is_err());
+        }
+
+        #[test]
+        fn three_base64_parts_of_anything_are_refused_without_panicking(
+            a in "[A-Za-z0-9_-]{0,60}", b in "[A-Za-z0-9_-]{0,60}", c in "[A-Za-z0-9_-]{0,60}"
+        ) {
+            let token = format!("{a}.{b}.{c}");
+            prop_assert!(JwtVerifier::new(b"secret").verify(&token, 1_800_000_000).is_err());
+        }
+    }
+}

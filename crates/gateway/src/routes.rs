@@ -487,7 +487,23 @@ async fn publish(
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+
+    proptest! {
+        #[test]
+        fn any_query_string_parses_or_is_refused_without_panicking(raw in "\\PC{0,200}") {
+            let _ = SubscribeQuery::parse(Some(&raw));
+        }
+
+        #[test]
+        fn any_publish_body_parses_or_is_refused_without_panicking(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            if let Ok(body) = serde_json::from_slice::<PublishBody>(&bytes) {
+                let _ = Topic::parse(&body.topic);
+            }
+        }
+    }
 
     #[test]
     fn the_openapi_document_lists_exactly_the_routed_paths() {
