@@ -154,6 +154,9 @@ async fn the_cli_prints_a_key_once_and_lists_keys_without_secrets() {
     db.cli(&["migrate"]);
     db.cli(&["tenants", "create", "acme"]);
     db.cli(&["environments", "create", "--tenant", "acme", "production"]);
+    db.cli(&["tenants", "create", "beta"]);
+    assert_eq!(db.cli(&["tenants", "list"]), "tenant=acme\ntenant=beta\n");
+    assert_eq!(db.cli(&["environments", "list", "--tenant", "acme"]), "environment=production tenant=acme\n");
     let created =
         db.cli(&["keys", "create", "--tenant", "acme", "--environment", "production", "--scope", "sdk"]);
     let lines: Vec<&str> = created.lines().collect();

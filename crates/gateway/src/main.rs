@@ -53,6 +53,8 @@ enum Tenants {
         /// Its id: 1–128 of `[A-Za-z0-9_.-]`.
         name: String,
     },
+    /// List tenants.
+    List,
 }
 
 #[derive(Subcommand)]
@@ -64,6 +66,12 @@ enum Environments {
         tenant: String,
         /// Its name.
         name: String,
+    },
+    /// List a tenant's environments.
+    List {
+        /// The tenant.
+        #[arg(long)]
+        tenant: String,
     },
 }
 
@@ -223,6 +231,16 @@ async fn admin(command: Command, url: Option<&str>) -> anyhow::Result<()> {
         Command::Tenants(Tenants::Create { name }) => {
             store.create_tenant(&TenantId::parse(&name)?).await?;
             println!("tenant={name}");
+        }
+        Command::Tenants(Tenants::List) => {
+            for tenant in store.tenants().await? {
+                println!("tenant={tenant}");
+            }
+        }
+        Command::Environments(Environments::List { tenant }) => {
+            for environment in store.environments(&TenantId::parse(&tenant)?).await? {
+                println!("environment={environment} tenant={tenant}");
+            }
         }
         Command::Environments(Environments::Create { tenant, name }) => {
             store.create_environment(&TenantId::parse(&tenant)?, &EnvironmentId::parse(&name)?).await?;

@@ -323,6 +323,17 @@ impl Store {
         Ok(Some((new_id, key, expires)))
     }
 
+    /// Every tenant.
+    pub async fn tenants(&self) -> Result<Vec<String>, PgError> {
+        let rows = self
+            .client()
+            .await?
+            .query("select id from realtime.tenants order by id", &[])
+            .await
+            .map_err(PgError::query("listing tenants"))?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
     /// The tenant's environments.
     pub async fn environments(&self, tenant: &TenantId) -> Result<Vec<String>, PgError> {
         let rows = self
