@@ -226,6 +226,16 @@ pub struct Event {
     pub at: Timestamp,
     /// What happened.
     pub body: EventBody,
+    /// The SSE id when the source's durable place is not a log position (a MongoDB resume
+    /// token); `None` for logged events, whose id is `position`.
+    pub cursor: Option<std::sync::Arc<str>>,
+}
+
+impl Event {
+    /// The SSE `id:` of this event: its cursor if it has one, else its position.
+    pub fn sse_id(&self) -> String {
+        self.cursor.as_deref().map_or_else(|| self.position.to_string(), str::to_owned)
+    }
 }
 
 /// The wire dialects an event can be encoded into. Each encoding is computed at most once per
@@ -295,6 +305,7 @@ mod tests {
             position: Position::new(Epoch(1), 1),
             at: Timestamp::from_millis(0),
             body: EventBody::Message { topic: Topic::parse("a").unwrap(), data: Value::Null },
+            cursor: None,
         };
         let frame = Frame::new(event);
         let mut calls = 0;

@@ -368,6 +368,7 @@ mod tests {
             position: Position::new(Epoch(7), seq),
             at: Timestamp::from_millis(0),
             body: EventBody::Message { topic: Topic::parse(topic).unwrap(), data: json!(seq) },
+            cursor: None,
         }))
     }
 

@@ -128,7 +128,7 @@ impl MemoryEngine {
             Position::new(self.epoch, *last)
         };
         let at = Timestamp::now();
-        let frame = Arc::new(Frame::new(Event { tenant: tenant.clone(), position, at, body }));
+        let frame = Arc::new(Frame::new(Event { tenant: tenant.clone(), position, at, body, cursor: None }));
         log.events.push_back(frame.clone());
         log.prune(self.retention, at);
         // Dispatch while holding the tenant's log lock: the hub then sees this tenant's events

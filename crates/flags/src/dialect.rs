@@ -113,6 +113,7 @@ mod tests {
             position: Position::new(Epoch(0xab), 9),
             at: Timestamp::from_millis(1_705_844_445_123),
             body,
+            cursor: None,
         }
     }
 

@@ -55,23 +55,23 @@ pub fn encode_realtime(event: &Event) -> Bytes {
         EventBody::Change { op, document_id, document, .. } => {
             serde_json::to_string(&ChangeData { kind: op.as_str(), document_id, document })
         }
-        EventBody::Reset { reason } => return reset_with(event.position, *reason),
+        EventBody::Reset { reason } => return reset_with(&event.sse_id(), *reason),
         // Flag events travel on their own feed and never reach a realtime stream.
         EventBody::Flag { .. } | EventBody::Config { .. } => return Bytes::new(),
     };
     // Serialising a `Value` and plain strings cannot fail.
     let data = data.unwrap_or_default();
-    message(Some(&event.position.to_string()), None, &data)
+    message(Some(&event.sse_id()), None, &data)
 }
 
 /// The `reset` event: the client's position is gone; it must refetch, then continue from `id`.
 pub fn reset(head: Position) -> Bytes {
-    reset_with(head, ResetReason::PositionExpired)
+    reset_with(&head.to_string(), ResetReason::PositionExpired)
 }
 
-fn reset_with(position: Position, reason: ResetReason) -> Bytes {
+fn reset_with(id: &str, reason: ResetReason) -> Bytes {
     let data = format!(r#"{{"reason":"{}"}}"#, reason.as_str());
-    message(Some(&position.to_string()), Some("reset"), &data)
+    message(Some(id), Some("reset"), &data)
 }
 
 fn retry(after: Duration) -> Bytes {
@@ -334,6 +334,7 @@ mod tests {
             position: Position::new(Epoch(0xabc), 7),
             at: Timestamp::from_millis(1_795_383_423_123),
             body: EventBody::Message { topic: Topic::parse("order.created").unwrap(), data },
+            cursor: None,
         }
     }
 
@@ -383,6 +384,7 @@ mod properties {
                 position: Position::new(Epoch(1), 2),
                 at: Timestamp::from_millis(0),
                 body: EventBody::Message { topic: Topic::parse("t").unwrap(), data: json!({ "s": s, "k": [s] }) },
+                cursor: None,
             };
             let bytes = encode_realtime(&event);
             let text = std::str::from_utf8(&bytes).unwrap();

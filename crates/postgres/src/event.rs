@@ -108,7 +108,7 @@ pub(crate) fn row(text: &str, epoch: Epoch) -> Result<Event, PgError> {
     };
     let seq = u64::try_from(seq).map_err(|_| bad("negative seq"))?;
     let at = Timestamp::from_millis(u64::try_from(row.at).unwrap_or(0));
-    Ok(Event { tenant, position: Position::new(epoch, seq), at, body })
+    Ok(Event { tenant, position: Position::new(epoch, seq), at, body, cursor: None })
 }
 
 #[cfg(test)]
