@@ -190,8 +190,7 @@ impl Gateway {
             let body = response.json().await.expect("errors are JSON");
             return Err((status, body));
         }
-        let headers = response.headers().clone();
-        Ok(Sse { headers, body: Box::pin(response.bytes_stream()), buffer: Vec::new(), ended: false })
+        Ok(Sse::from_response(response))
     }
 
     /// Sends SIGTERM and waits for the exit status.
@@ -261,6 +260,12 @@ pub struct Sse {
 }
 
 impl Sse {
+    /// Reads an already-opened SSE response.
+    pub fn from_response(response: reqwest::Response) -> Self {
+        let headers = response.headers().clone();
+        Self { headers, body: Box::pin(response.bytes_stream()), buffer: Vec::new(), ended: false }
+    }
+
     /// The next block (event, comment, or `retry:`), or `None` when the server ended the
     /// stream. Panics if nothing arrives within [`PATIENCE`].
     pub async fn next_block(&mut self) -> Option<Block> {
@@ -590,6 +595,93 @@ impl Browser {
 }
 
 impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+/// A scripted MongoDB server (`tests/mongo/mock.py`, mockupdb): the real driver talks to it,
+/// the test sees every command and writes every reply.
+pub struct MockMongo {
+    child: Child,
+    input: tokio::process::ChildStdin,
+    output: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    /// Where it listens.
+    pub port: u16,
+}
+
+impl MockMongo {
+    /// Starts it, or returns `None` (saying so loudly) without Python's `mockupdb`.
+    pub async fn start() -> Option<Self> {
+        let probe = std::process::Command::new("python3").args(["-c", "import mockupdb, bson"]).output();
+        if !probe.is_ok_and(|o| o.status.success()) {
+            eprintln!(
+                "SKIPPED: python3 with mockupdb is missing; `.ci/run` installs it (pip install mockupdb pymongo)"
+            );
+            return None;
+        }
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("mongo/mock.py");
+        let mut child = Command::new("python3")
+            .arg(script)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("python3 runs");
+        let input = child.stdin.take().expect("stdin is piped");
+        let mut output = BufReader::new(child.stdout.take().expect("stdout is piped")).lines();
+        let first = tokio::time::timeout(PATIENCE, output.next_line())
+            .await
+            .expect("the mock starts")
+            .unwrap()
+            .unwrap();
+        let port = serde_json::from_str::<Value>(&first).unwrap()["port"].as_u64().unwrap() as u16;
+        Some(Self { child, input, output, port })
+    }
+
+    /// `mongodb://127.0.0.1:<port>/?directConnection=true`.
+    pub fn url(&self) -> String {
+        format!("mongodb://127.0.0.1:{}/?directConnection=true&serverSelectionTimeoutMS=5000", self.port)
+    }
+
+    async fn command(&mut self, command: Value) -> Value {
+        use tokio::io::AsyncWriteExt;
+        self.input.write_all(format!("{command}\n").as_bytes()).await.expect("the mock reads commands");
+        let line = tokio::time::timeout(Duration::from_secs(30), self.output.next_line())
+            .await
+            .expect("the mock answers in time")
+            .unwrap()
+            .expect("the mock is running");
+        let answer: Value = serde_json::from_str(&line).unwrap();
+        assert!(answer.get("error").is_none(), "mock failed on {command}: {answer}");
+        answer
+    }
+
+    /// The next command the gateway sends (`(name, document)`).
+    pub async fn receive(&mut self) -> (String, Value) {
+        let answer = self.command(serde_json::json!({ "receive": 20 })).await;
+        (answer["command"].as_str().unwrap_or_default().to_owned(), answer["doc"].clone())
+    }
+
+    /// Receives the next command, asserting its name.
+    pub async fn expect(&mut self, name: &str) -> Value {
+        let (got, doc) = self.receive().await;
+        assert_eq!(got, name, "expected `{name}`, got {doc}");
+        doc
+    }
+
+    /// Answers the last command with `reply` (Extended JSON).
+    pub async fn reply(&mut self, reply: Value) {
+        self.command(serde_json::json!({ "reply": reply })).await;
+    }
+
+    /// Closes the last command's connection instead of answering.
+    pub async fn hang_up(&mut self) {
+        self.command(serde_json::json!({ "hangup": true })).await;
+    }
+}
+
+impl Drop for MockMongo {
     fn drop(&mut self) {
         let _ = self.child.start_kill();
     }

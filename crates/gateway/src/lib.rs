@@ -102,5 +102,6 @@ pub fn state(
         revocations: routes::Revocations::default(),
         metrics: None,
         ofrep_rate: ofrep::RateLimiter::default(),
+        mongo: None,
     }
 }

@@ -158,6 +158,21 @@ struct Serve {
     /// Origins browsers may call from, comma-separated; `*` allows any.
     #[arg(long, env = "CHANGEGATE_CORS_ORIGINS", value_delimiter = ',', default_value = "*")]
     cors_origins: Vec<String>,
+    /// MongoDB (a replica set) for `?collection=…&source=mongo`.
+    #[arg(long, env = "MONGODB_URL", hide_env_values = true)]
+    mongodb_url: Option<String>,
+    /// The MongoDB database holding the collections.
+    #[arg(long, env = "CHANGEGATE_MONGODB_DATABASE", default_value = "app")]
+    mongodb_database: String,
+    /// The document field holding the tenant id.
+    #[arg(long, env = "CHANGEGATE_MONGODB_TENANT_FIELD", default_value = "tenantId")]
+    mongodb_tenant_field: String,
+    /// MongoDB connections: each open change stream holds one while its getMore waits.
+    #[arg(long, env = "CHANGEGATE_MONGODB_POOL", default_value_t = 100)]
+    mongodb_pool: u32,
+    /// How long a change stream's getMore waits for changes.
+    #[arg(long, env = "CHANGEGATE_MONGODB_MAX_AWAIT", default_value = "1s", value_parser = duration)]
+    mongodb_max_await: Duration,
     /// OFREP evaluations allowed per second per key (0: unlimited); over it, `429` + `Retry-After`.
     #[arg(long, env = "CHANGEGATE_OFREP_RATE_LIMIT", default_value_t = 100)]
     ofrep_rate_limit: u32,
@@ -328,6 +343,19 @@ async fn serve(args: Serve, database_url: Option<String>) -> anyhow::Result<()> 
     };
     let mut state = state;
     state.ofrep_rate = changegate::ofrep::RateLimiter::new(args.ofrep_rate_limit);
+    if let Some(url) = &args.mongodb_url {
+        let config = changegate_mongo::source::MongoConfig {
+            url: url.clone(),
+            database: args.mongodb_database.clone(),
+            tenant_field: args.mongodb_tenant_field.clone(),
+            max_await: args.mongodb_max_await,
+            pool: args.mongodb_pool,
+        };
+        let source = changegate_mongo::source::MongoSource::connect(&config, hub, state.closing.clone())
+            .await
+            .context("configuring MongoDB")?;
+        state.mongo = Some(std::sync::Arc::new(source));
+    }
     state.metrics = Some(
         metrics_exporter_prometheus::PrometheusBuilder::new()
             .set_buckets(&[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5])?

@@ -14,6 +14,8 @@ use axum::routing::{get, post, put};
 use changegate_core::auth::Action;
 use changegate_core::memory::Replay;
 use changegate_core::{CollectionName, Feed, FeedKey, Filter, Position, Topic, TopicPattern};
+use changegate_mongo::ResumeToken;
+use changegate_mongo::source::{CatchUp, MongoSource};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -58,6 +60,8 @@ pub struct AppState {
     pub revocations: Revocations,
     /// Per-key request budget of the OFREP evaluation routes.
     pub ofrep_rate: crate::ofrep::RateLimiter,
+    /// The MongoDB source, when `MONGODB_URL` is configured.
+    pub mongo: Option<Arc<MongoSource>>,
     /// The Prometheus recorder's handle, when one is installed (the binary installs one).
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
@@ -251,10 +255,16 @@ async fn readyz(State(app): State<AppState>) -> Response {
     if app.closing.is_cancelled() {
         return ApiError::Unavailable("shutting down".into()).into_response();
     }
-    match app.engine.readiness().await {
-        Ok(()) => axum::Json(json!({ "status": "ready" })).into_response(),
-        Err(reason) => ApiError::Unavailable(reason).into_response(),
+    if let Err(reason) = app.engine.readiness().await {
+        return ApiError::Unavailable(reason).into_response();
     }
+    // Bounded: readiness must answer quickly even while the driver waits for a server.
+    if let Some(mongo) = &app.mongo
+        && !matches!(tokio::time::timeout(Duration::from_secs(2), mongo.ping()).await, Ok(Ok(())))
+    {
+        return ApiError::Unavailable("MongoDB is unreachable".into()).into_response();
+    }
+    axum::Json(json!({ "status": "ready" })).into_response()
 }
 
 /// The query of `/v1/events/subscribe`. Unknown parameters are ignored (cache busters);
@@ -294,14 +304,17 @@ impl SubscribeQuery {
     }
 }
 
-fn resume_position(headers: &HeaderMap, query: Option<&str>) -> Result<Option<Position>, ApiError> {
+fn resume_point(headers: &HeaderMap, query: Option<&str>) -> Result<Option<Resume>, ApiError> {
     let header = match headers.get("last-event-id") {
         Some(value) => Some(value.to_str().map_err(|_| invalid_last_event_id())?),
         None => None,
     };
     match header.or(query).map(str::trim) {
         None | Some("") => Ok(None),
-        Some(text) => text.parse().map(Some).map_err(|_| invalid_last_event_id()),
+        Some(text) if text.starts_with("m.") => {
+            ResumeToken::decode(text).map(|t| Some(Resume::Token(t))).map_err(|_| invalid_last_event_id())
+        }
+        Some(text) => text.parse().map(|p| Some(Resume::After(p))).map_err(|_| invalid_last_event_id()),
     }
 }
 
@@ -336,9 +349,27 @@ async fn subscribe(
         (None, Some(collection)) => {
             let name = CollectionName::parse(collection)
                 .map_err(|e| ApiError::bad_request("invalid_collection", e.to_string()))?;
-            let key =
-                app.engine.collection_feed(principal.tenant.clone(), &name, query.source.as_deref()).await?;
-            (key.feed, Filter::Everything)
+            let use_mongo = match query.source.as_deref() {
+                Some("mongo") => true,
+                Some("postgres") => false,
+                Some(_) => {
+                    return Err(ApiError::bad_request(
+                        "invalid_source",
+                        "`source` must be `postgres` or `mongo`",
+                    ));
+                }
+                // Postgres when it is configured, else MongoDB when it is.
+                None => !matches!(*app.engine, Engine::Postgres(_)) && app.mongo.is_some(),
+            };
+            if use_mongo {
+                changegate_mongo::collection(&name)
+                    .map_err(|e| ApiError::bad_request("invalid_collection", e.to_string()))?;
+                (Feed::Collection { source: changegate_core::SourceKind::Mongo, name }, Filter::Everything)
+            } else {
+                let key =
+                    app.engine.collection_feed(principal.tenant.clone(), &name, Some("postgres")).await?;
+                (key.feed, Filter::Everything)
+            }
         }
         (Some(_), Some(_)) => {
             return Err(ApiError::bad_request(
@@ -353,9 +384,8 @@ async fn subscribe(
             ));
         }
     };
-    let resume = resume_position(&headers, query.last_event_id.as_deref())?;
     let key = FeedKey { tenant: principal.tenant.clone(), feed };
-    let resume = resume.map(Resume::After);
+    let resume = resume_point(&headers, query.last_event_id.as_deref())?;
     open_stream(&app, &principal, key, filter, resume, sse::Wire::Realtime, app.limits.heartbeat).await
 }
 
@@ -366,6 +396,8 @@ pub enum Resume {
     /// At this time, in epoch milliseconds (dialect C's ids); replayed events may repeat the
     /// one the client saw last.
     Since(u64),
+    /// After this MongoDB resume token.
+    Token(ResumeToken),
 }
 
 /// Subscribes, replays what the client missed, and streams the rest in `wire`'s dialect.
@@ -378,14 +410,20 @@ pub async fn open_stream(
     mut wire: sse::Wire,
     heartbeat: Duration,
 ) -> Result<Response, ApiError> {
+    let mongo = match (&key.feed, &app.mongo) {
+        (Feed::Collection { source: changegate_core::SourceKind::Mongo, .. }, Some(mongo)) => {
+            Some(mongo.clone())
+        }
+        (Feed::Collection { source: changegate_core::SourceKind::Mongo, .. }, None) => {
+            return Err(ApiError::SourceNotConfigured("MongoDB collections need MONGODB_URL".into()));
+        }
+        _ => None,
+    };
+    let hub = mongo.as_ref().map_or_else(|| app.engine.hub(), |m| m.hub());
     // Subscribe before reading the log: every event is then in the replay, the live stream,
     // or both (and the duplicates are skipped by position).
-    let subscription = app
-        .engine
-        .hub()
-        .subscribe(key.clone(), filter.clone())
-        .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    let subscription =
+        hub.subscribe(key.clone(), filter.clone()).await.map_err(|e| ApiError::Unavailable(e.to_string()))?;
     let mut prelude = vec![sse::hello(app.limits.retry)];
     let mut after = None;
     let mut labels = vec![("route", wire.route().to_owned())];
@@ -399,6 +437,23 @@ pub async fn open_stream(
     };
     match resume {
         None => {}
+        // A MongoDB change stream is its own log: catch up from the token with a stream of
+        // its own; live events up to the last caught-up one are then skipped.
+        Some(Resume::Token(token)) => match mongo.as_ref().map(|m| m.catch_up(&key, &token)) {
+            Some(catch_up) => match catch_up.await.map_err(|e| ApiError::Unavailable(e.to_string()))? {
+                CatchUp::Events(frames) => after = replayed(frames, None),
+                CatchUp::Lost => {
+                    metrics::counter!("changegate_resets_total", &labels).increment(1);
+                    prelude.push(sse::message(None, Some("reset"), r#"{"reason":"position-expired"}"#));
+                }
+            },
+            None => return Err(invalid_last_event_id()),
+        },
+        Some(Resume::After(_)) if mongo.is_some() => {
+            // Not a token: nothing to resume from on a MongoDB collection.
+            metrics::counter!("changegate_resets_total", &labels).increment(1);
+            prelude.push(sse::message(None, Some("reset"), r#"{"reason":"position-expired"}"#));
+        }
         Some(Resume::After(position)) => match app.engine.replay(&key, &filter, position).await? {
             Replay::Events(frames) => after = replayed(frames, Some(position)),
             Replay::Reset => {

@@ -7,8 +7,9 @@
 //! available matches nothing and is never delivered, rather than leaked. This crate never talks
 //! to a server and never filters a shared stream by tenant itself.
 //!
-//! Not yet here (issue #4): the driver-backed source that opens these streams per feed, enables
-//! pre-images with `collMod`, and resumes after a dropped connection.
+//! [`source`] runs them with the official driver: one change stream per feed of its hub.
+
+pub mod source;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -33,6 +34,10 @@ pub enum MongoError {
     /// A change event without the fields its operation needs.
     #[error("malformed change event: {0}")]
     Event(&'static str),
+    /// The driver or the server refused (the message never contains credentials: the URL is
+    /// not part of it).
+    #[error("{0}")]
+    Driver(String),
 }
 
 /// A collection name usable in a change stream: 1–120 bytes, no `$`, no NUL, not `system.*`.
@@ -92,8 +97,9 @@ pub fn pipeline(field: &str, tenant: &TenantId) -> Result<Vec<Document>, MongoEr
     }])
 }
 
-/// The `aggregate` options of every change stream: the current document on updates, the
-/// pre-image when available (deletes need it to be matched at all).
+/// The `$changeStream` options every stream is opened with (what [`source`] sets through the
+/// driver): the current document on updates, the pre-image when available (deletes need it to
+/// be matched at all).
 pub fn stream_options() -> Document {
     doc! { "fullDocument": "updateLookup", "fullDocumentBeforeChange": "whenAvailable" }
 }

@@ -1,0 +1,342 @@
+//! The driver-backed source: one change stream per (tenant, collection) feed of its hub, opened
+//! when the feed's first subscriber arrives and closed with the feed; a dropped connection is
+//! resumed from the last token; a client resuming with a token gets a catch-up read first.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::Duration;
+
+use bson::{Bson, Document, doc};
+use changegate_core::hub::{OpenFuture, Upstream, UpstreamError};
+use changegate_core::{
+    CollectionName, Epoch, Event, EventBody, Feed, FeedKey, Frame, Hub, HubConfig, Position, ResetReason,
+    TenantId, Timestamp,
+};
+use futures_util::StreamExt;
+use mongodb::change_stream::ChangeStream;
+use mongodb::change_stream::event::ResumeToken as DriverToken;
+use mongodb::error::ErrorKind;
+use mongodb::options::{FullDocumentBeforeChangeType, FullDocumentType};
+use mongodb::{Client, Database};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use crate::{MongoError, ResumeToken, collection, map_event, pipeline};
+
+/// The epoch of MongoDB positions. Their sequence numbers only order events inside one gateway
+/// process (the SSE id is the resume token, see [`Event::cursor`]).
+pub const MONGO_EPOCH: Epoch = Epoch(0x6d6f_6e67);
+
+/// MongoDB's error code for a resume token that fell off the oplog.
+const HISTORY_LOST: i32 = 286;
+
+/// How to reach MongoDB.
+#[derive(Clone, Debug)]
+pub struct MongoConfig {
+    /// `mongodb://…` (a replica set: change streams need one).
+    pub url: String,
+    /// The database holding the collections.
+    pub database: String,
+    /// The document field holding the tenant.
+    pub tenant_field: String,
+    /// How long a `getMore` waits for changes.
+    pub max_await: Duration,
+    /// Connections in the driver's pool: each open change stream holds one while it waits.
+    pub pool: u32,
+}
+
+/// What a resuming subscriber gets before live events.
+#[derive(Debug)]
+pub enum CatchUp {
+    /// Every change after its token (possibly none), in order.
+    Events(Vec<Arc<Frame>>),
+    /// The token fell off the oplog: refetch.
+    Lost,
+}
+
+struct Shared {
+    database: Database,
+    field: String,
+    max_await: Duration,
+    cancel: CancellationToken,
+    feeds: Mutex<HashMap<FeedKey, CancellationToken>>,
+    preimages: Mutex<HashSet<String>>,
+    sequence: AtomicU64,
+    open: AtomicU64,
+    /// Set right after the hub is built (the hub owns the upstream that owns this).
+    hub: OnceLock<Hub>,
+}
+
+/// The MongoDB source and its hub.
+pub struct MongoSource {
+    shared: Arc<Shared>,
+    hub: Hub,
+}
+
+impl std::fmt::Debug for MongoSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MongoSource").finish_non_exhaustive()
+    }
+}
+
+fn driver_error(context: &str, error: &mongodb::error::Error) -> MongoError {
+    MongoError::Driver(format!("{context}: {error}"))
+}
+
+impl MongoSource {
+    /// Connects (lazily: the driver connects on first use). Feeds stop when `cancel` fires.
+    pub async fn connect(
+        config: &MongoConfig,
+        hub: HubConfig,
+        cancel: CancellationToken,
+    ) -> Result<Self, MongoError> {
+        crate::tenant_field(&config.tenant_field)?;
+        let mut options = mongodb::options::ClientOptions::parse(&config.url)
+            .await
+            .map_err(|e| MongoError::Driver(format!("invalid MONGODB_URL: {e}")))?;
+        options.max_pool_size = Some(config.pool.max(1));
+        options.app_name = Some("changegate".into());
+        let client = Client::with_options(options).map_err(|e| driver_error("connecting", &e))?;
+        let shared = Arc::new(Shared {
+            database: client.database(&config.database),
+            field: config.tenant_field.clone(),
+            max_await: config.max_await,
+            cancel,
+            feeds: Mutex::new(HashMap::new()),
+            preimages: Mutex::new(HashSet::new()),
+            sequence: AtomicU64::new(0),
+            open: AtomicU64::new(0),
+            hub: OnceLock::new(),
+        });
+        let hub = Hub::new(hub, Arc::new(MongoUpstream(shared.clone())));
+        let _ = shared.hub.set(hub.clone());
+        Ok(Self { shared, hub })
+    }
+
+    /// The hub Mongo subscribers attach to.
+    pub fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
+    /// How many change streams are open.
+    pub fn open_streams(&self) -> u64 {
+        self.shared.open.load(Ordering::Relaxed)
+    }
+
+    /// Whether MongoDB answers.
+    pub async fn ping(&self) -> Result<(), MongoError> {
+        self.shared.database.run_command(doc! { "ping": 1 }).await.map_err(|e| driver_error("ping", &e))?;
+        Ok(())
+    }
+
+    /// The changes of `key` after `token` that are already in the oplog, read with a change
+    /// stream of its own (`resumeAfter`), until it has nothing more to say.
+    pub async fn catch_up(&self, key: &FeedKey, token: &ResumeToken) -> Result<CatchUp, MongoError> {
+        let Feed::Collection { name, .. } = &key.feed else { return Ok(CatchUp::Events(Vec::new())) };
+        let mut stream = match self.shared.open_stream(&key.tenant, name, Some(token)).await {
+            Ok(stream) => stream,
+            Err(error) if history_lost(&error) => return Ok(CatchUp::Lost),
+            Err(error) => return Err(driver_error("resuming a change stream", &error)),
+        };
+        let mut frames = Vec::new();
+        loop {
+            match stream.next_if_any().await {
+                Ok(Some(event)) => {
+                    if let Some(frame) = self.shared.frame(&key.tenant, name, &event)? {
+                        frames.push(frame);
+                    }
+                }
+                Ok(None) => return Ok(CatchUp::Events(frames)),
+                Err(error) if history_lost(&error) => return Ok(CatchUp::Lost),
+                Err(error) => return Err(driver_error("resuming a change stream", &error)),
+            }
+        }
+    }
+}
+
+fn history_lost(error: &mongodb::error::Error) -> bool {
+    matches!(&*error.kind, ErrorKind::Command(command) if command.code == HISTORY_LOST)
+}
+
+impl Shared {
+    async fn open_stream(
+        &self,
+        tenant: &TenantId,
+        name: &CollectionName,
+        after: Option<&ResumeToken>,
+    ) -> Result<ChangeStream<Document>, mongodb::error::Error> {
+        let coll = self.database.collection::<Document>(name.as_str());
+        let pipeline = pipeline(&self.field, tenant).unwrap_or_default();
+        let resume = after.and_then(|t| {
+            bson::deserialize_from_bson::<DriverToken>(Bson::Document(t.document().clone())).ok()
+        });
+        let stream = coll
+            .watch()
+            .pipeline(pipeline)
+            .full_document(FullDocumentType::UpdateLookup)
+            .full_document_before_change(FullDocumentBeforeChangeType::WhenAvailable)
+            .max_await_time(self.max_await)
+            .resume_after(resume)
+            .await?;
+        Ok(stream.with_type::<Document>())
+    }
+
+    /// Turns a raw change event into a frame whose SSE id is its resume token.
+    fn frame(
+        &self,
+        tenant: &TenantId,
+        name: &CollectionName,
+        raw: &Document,
+    ) -> Result<Option<Arc<Frame>>, MongoError> {
+        let Some(body) = map_event(raw, name)? else { return Ok(None) };
+        let token = raw.get_document("_id").map_err(|_| MongoError::Event("no resume token"))?;
+        let cursor: Arc<str> = ResumeToken::new(token.clone()).encode().into();
+        let at = match raw.get("clusterTime") {
+            Some(Bson::Timestamp(ts)) => Timestamp::from_millis(u64::from(ts.time) * 1000),
+            _ => Timestamp::now(),
+        };
+        let seq = self.sequence.fetch_add(1, Ordering::Relaxed) + 1;
+        let event = Event {
+            tenant: tenant.clone(),
+            position: Position::new(MONGO_EPOCH, seq),
+            at,
+            body,
+            cursor: Some(cursor),
+        };
+        Ok(Some(Arc::new(Frame::new(event))))
+    }
+
+    /// Pre-images are what lets a delete be matched to its tenant at all; turn them on once
+    /// per collection, best effort (MongoDB 6.0+, and the right privilege).
+    async fn enable_preimages(&self, name: &CollectionName) {
+        let first = self.preimages.lock().unwrap_or_else(PoisonError::into_inner).insert(name.to_string());
+        if !first {
+            return;
+        }
+        let command = doc! { "collMod": name.as_str(), "changeStreamPreAndPostImages": { "enabled": true } };
+        if let Err(error) = self.database.run_command(command).await {
+            metrics::counter!("changegate_mongo_preimages_unavailable_total").increment(1);
+            tracing::warn!(collection = %name, %error, "pre-images could not be enabled: deletes will not be delivered");
+        }
+    }
+}
+
+struct MongoUpstream(Arc<Shared>);
+
+impl Upstream for MongoUpstream {
+    fn open(&self, key: &FeedKey) -> OpenFuture {
+        let (ready, opened) = oneshot::channel();
+        let stop = self.0.cancel.child_token();
+        self.0.feeds.lock().unwrap_or_else(PoisonError::into_inner).insert(key.clone(), stop.clone());
+        tokio::spawn(watch(self.0.clone(), key.clone(), stop, ready));
+        let tenant = key.tenant.clone();
+        Box::pin(async move {
+            let failed = |reason: String| UpstreamError { tenant: tenant.clone(), reason };
+            opened.await.map_err(|_| failed("the change stream stopped".into()))?.map_err(failed)
+        })
+    }
+
+    fn close(&self, key: &FeedKey) {
+        if let Some(stop) = self.0.feeds.lock().unwrap_or_else(PoisonError::into_inner).remove(key) {
+            stop.cancel();
+        }
+    }
+}
+
+/// One feed's change stream: dispatches every event to the hub; after an error it re-opens
+/// from the last token (so nothing is lost while the connection was down), or — when the token
+/// fell off the oplog — tells subscribers to refetch and starts from now.
+async fn watch(
+    shared: Arc<Shared>,
+    key: FeedKey,
+    stop: CancellationToken,
+    ready: oneshot::Sender<Result<(), String>>,
+) {
+    let Feed::Collection { name, .. } = &key.feed else { return };
+    if let Err(error) = collection(name) {
+        let _ = ready.send(Err(error.to_string()));
+        return;
+    }
+    shared.enable_preimages(name).await;
+    let mut ready = Some(ready);
+    let mut resume: Option<ResumeToken> = None;
+    let mut backoff = Duration::from_millis(100);
+    let Some(hub) = shared.hub.get().cloned() else { return };
+    loop {
+        let opened = tokio::select! {
+            () = stop.cancelled() => return,
+            opened = shared.open_stream(&key.tenant, name, resume.as_ref()) => opened,
+        };
+        let mut stream = match opened {
+            Ok(stream) => stream,
+            Err(error) if history_lost(&error) => {
+                lost(&shared, &key, &hub);
+                resume = None;
+                continue;
+            }
+            Err(error) => {
+                if let Some(ready) = ready.take() {
+                    let _ = ready.send(Err(format!("opening the change stream: {error}")));
+                    return;
+                }
+                tracing::warn!(%error, "MongoDB change stream failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        if let Some(ready) = ready.take() {
+            let _ = ready.send(Ok(()));
+        }
+        backoff = Duration::from_millis(100);
+        shared.open.fetch_add(1, Ordering::Relaxed);
+        metrics::gauge!("changegate_mongo_change_streams_open").increment(1.0);
+        loop {
+            let next = tokio::select! {
+                () = stop.cancelled() => None,
+                next = stream.next() => Some(next),
+            };
+            match next {
+                None => break,
+                Some(Some(Ok(raw))) => {
+                    if let Ok(token) = raw.get_document("_id") {
+                        resume = Some(ResumeToken::new(token.clone()));
+                    }
+                    match shared.frame(&key.tenant, name, &raw) {
+                        Ok(Some(frame)) => hub.dispatch(&key, frame),
+                        Ok(None) => {}
+                        Err(error) => tracing::error!(%error, "unreadable change event skipped"),
+                    }
+                }
+                Some(Some(Err(error))) => {
+                    if history_lost(&error) {
+                        lost(&shared, &key, &hub);
+                        resume = None;
+                    } else {
+                        tracing::warn!(%error, "MongoDB change stream interrupted; resuming");
+                    }
+                    break;
+                }
+                Some(None) => break,
+            }
+        }
+        shared.open.fetch_sub(1, Ordering::Relaxed);
+        metrics::gauge!("changegate_mongo_change_streams_open").decrement(1.0);
+        if stop.is_cancelled() {
+            return;
+        }
+    }
+}
+
+fn lost(shared: &Shared, key: &FeedKey, hub: &Hub) {
+    let seq = shared.sequence.fetch_add(1, Ordering::Relaxed) + 1;
+    let event = Event {
+        tenant: key.tenant.clone(),
+        position: Position::new(MONGO_EPOCH, seq),
+        at: Timestamp::now(),
+        body: EventBody::Reset { reason: ResetReason::PositionExpired },
+        cursor: None,
+    };
+    hub.dispatch(key, Arc::new(Frame::new(event)));
+}
