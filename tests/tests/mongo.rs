@@ -132,11 +132,42 @@ async fn the_change_stream_is_opened_with_the_tenant_match_and_pre_images_and_de
         "documentKey": {"_id": oid("64b7f0a1b2c3d4e5f6a7b8c9")},
         "fullDocumentBeforeChange": {"_id": oid("64b7f0a1b2c3d4e5f6a7b8c9"), "tenantId": "acme", "title": "buy milk"},
     });
-    s.mongo.reply(cursor(42, "nextBatch", vec![delete], "82A2")).await;
+    let update = json!({
+        "_id": token("82A15"), "operationType": "update", "ns": {"db": "app", "coll": "todos"},
+        "documentKey": {"_id": oid("64b7f0a1b2c3d4e5f6a7b8c9")},
+        "updateDescription": {"updatedFields": {"title": "buy milk"}, "removedFields": []},
+        "fullDocument": {"_id": oid("64b7f0a1b2c3d4e5f6a7b8c9"), "tenantId": "acme", "title": "buy milk",
+                         "due": {"$date": "2026-11-23T09:00:00Z"}, "price": {"$numberDecimal": "1.25"}},
+    });
+    s.mongo.reply(cursor(42, "nextBatch", vec![update, delete], "82A2")).await;
+    let updated = sse.next_event().await.json();
+    assert_eq!(updated["type"], "update");
+    assert_eq!(updated["document"]["due"], json!({"$date": "2026-11-23T09:00:00Z"}));
+    assert_eq!(updated["document"]["price"], json!({"$numberDecimal": "1.25"}));
     let deleted = sse.next_event().await.json();
     assert_eq!(
         (deleted["type"].as_str(), deleted["document"]["title"].as_str()),
         (Some("delete"), Some("buy milk"))
+    );
+    // A dropped collection: subscribers are told to refetch, and the stream starts again from
+    // now (a stream cannot be resumed after an invalidate).
+    s.mongo.expect("getMore").await;
+    let drop_event =
+        json!({"_id": token("82A25"), "operationType": "drop", "ns": {"db": "app", "coll": "todos"}});
+    let invalidate = json!({"_id": token("82A3"), "operationType": "invalidate"});
+    s.mongo.reply(cursor(0, "nextBatch", vec![drop_event, invalidate], "82A3")).await;
+    let reset = sse.next_event().await;
+    assert_eq!(reset.event(), Some("reset"));
+    let reopened = loop {
+        let (name, doc) = s.mongo.receive().await;
+        if name == "aggregate" {
+            break doc;
+        }
+    };
+    let change_stream = &reopened["pipeline"][0]["$changeStream"];
+    assert!(
+        change_stream.get("resumeAfter").is_none() && change_stream.get("startAfter").is_none(),
+        "{reopened}"
     );
 }
 

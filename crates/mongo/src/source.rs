@@ -300,9 +300,17 @@ async fn watch(
             match next {
                 None => break,
                 Some(Some(Ok(raw))) => {
-                    if let Ok(token) = raw.get_document("_id") {
-                        resume = Some(ResumeToken::new(token.clone()));
-                    }
+                    // After drop/rename/invalidate a stream cannot be resumed: subscribers get a
+                    // reset, and the stream starts again from now.
+                    let ends = matches!(
+                        raw.get_str("operationType"),
+                        Ok("drop" | "rename" | "dropDatabase" | "invalidate")
+                    );
+                    resume = if ends {
+                        None
+                    } else {
+                        raw.get_document("_id").ok().map(|t| ResumeToken::new(t.clone()))
+                    };
                     match shared.frame(&key.tenant, name, &raw) {
                         Ok(Some(frame)) => hub.dispatch(&key, frame),
                         Ok(None) => {}
