@@ -523,7 +523,7 @@ impl Browser {
     pub async fn start() -> Option<Self> {
         let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
         if !std::path::Path::new(&chromium).exists() {
-            eprintln!("SKIPPED: no Chromium at {chromium}; `.ci/run` installs it (apt-get install chromium)");
+            skipped(&format!("no Chromium at {chromium}; `.ci/run` installs it (apt-get install chromium)"));
             return None;
         }
         let dir = npm_project("browser");
@@ -615,9 +615,7 @@ impl MockMongo {
     pub async fn start() -> Option<Self> {
         let probe = std::process::Command::new("python3").args(["-c", "import mockupdb, bson"]).output();
         if !probe.is_ok_and(|o| o.status.success()) {
-            eprintln!(
-                "SKIPPED: python3 with mockupdb is missing; `.ci/run` installs it (pip install mockupdb pymongo)"
-            );
+            skipped("python3 with mockupdb is missing; `.ci/run` installs it (pip install mockupdb pymongo)");
             return None;
         }
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("mongo/mock.py");
@@ -685,4 +683,11 @@ impl Drop for MockMongo {
     fn drop(&mut self) {
         let _ = self.child.start_kill();
     }
+}
+
+/// Says a test was skipped, on the real stderr: the test harness captures `eprintln!` of passing
+/// tests, and a skip must be visible in CI's log.
+pub fn skipped(why: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr().lock(), "SKIPPED: {why}");
 }

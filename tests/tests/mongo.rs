@@ -372,25 +372,51 @@ async fn garbage_tokens_are_refused_and_mongo_needs_configuring() {
     }
 }
 
-/// Runs against a real replica set when `MONGODB_URL` is set (`docker compose up mongo`);
-/// otherwise says so. A real server proves what the double cannot: that pre-images are really
-/// recorded and deletes matched by them, and real resume tokens.
+/// Runs against a real replica set (MongoDB 6.0+) when `MONGODB_URL` is set, e.g. with
+/// `docker compose up -d mongo` and `MONGODB_URL=mongodb://127.0.0.1:27017/?directConnection=true`;
+/// otherwise it says so. A real server proves what the double cannot: real resume tokens, and
+/// pre-images actually recorded so that deletes are matched to their tenant.
 #[tokio::test]
 async fn a_real_replica_set_streams_changes() {
     let Ok(url) = std::env::var("MONGODB_URL") else {
-        eprintln!(
-            "SKIPPED: a_real_replica_set_streams_changes needs MONGODB_URL (a replica set, e.g. docker compose up mongo)"
+        changegate_e2e::skipped(
+            "a_real_replica_set_streams_changes needs MONGODB_URL (a replica set, e.g. docker compose up mongo)",
         );
         return;
     };
-    let key = test_key("anon");
-    let file = json!([{"tenant": "acme", "scope": "anon", "key": key}]);
+    let (acme, beta) = (test_key("anon"), test_key("anon"));
+    let file = json!([{"tenant": "acme", "scope": "anon", "key": acme}, {"tenant": "beta", "scope": "anon", "key": beta}]);
     let database = format!("changegate_test_{}", std::process::id());
     let gw = Gateway::with_keys(&file, &["--mongodb-url", &url, "--mongodb-database", &database]).await;
-    let mut sse =
-        gw.sse(&format!("/v1/events/subscribe?collection=todos&source=mongo&apikey={key}"), &[]).await;
-    sse.assert_quiet(Duration::from_millis(200)).await;
-    eprintln!("connected to the real replica set; write to {database}.todos to see events");
+    let client = mongodb::Client::with_uri_str(&url).await.unwrap();
+    let todos = client.database(&database).collection::<bson::Document>("todos");
+    todos.insert_one(bson::doc! {"tenantId": "nobody"}).await.unwrap();
+    let path = |key: &str| format!("/v1/events/subscribe?collection=todos&source=mongo&apikey={key}");
+    let mut a = gw.sse(&path(&acme), &[]).await;
+    let mut b = gw.sse(&path(&beta), &[]).await;
+    todos.insert_one(bson::doc! {"_id": 1, "tenantId": "acme", "title": "a"}).await.unwrap();
+    todos.insert_one(bson::doc! {"_id": 2, "tenantId": "beta", "title": "b"}).await.unwrap();
+    todos.update_one(bson::doc! {"_id": 1}, bson::doc! {"$set": {"title": "a2"}}).await.unwrap();
+    todos.delete_one(bson::doc! {"_id": 1}).await.unwrap();
+    let first = a.next_event().await;
+    assert_eq!(
+        (first.json()["type"].as_str(), first.json()["documentId"].as_str()),
+        (Some("insert"), Some("1"))
+    );
+    assert_eq!(a.next_event().await.json()["document"]["title"], "a2");
+    let deleted = a.next_event().await.json();
+    assert_eq!(
+        (deleted["type"].as_str(), deleted["document"]["title"].as_str()),
+        (Some("delete"), Some("a2"))
+    );
+    assert_eq!(b.next_event().await.json()["document"]["title"], "b");
+    a.assert_quiet(Duration::from_millis(500)).await;
+    b.assert_quiet(Duration::from_millis(500)).await;
+    // Resume after the first event: the update and the delete come again, in order.
+    let mut resumed = gw.sse(&path(&acme), &[("last-event-id", first.id().unwrap())]).await;
+    assert_eq!(resumed.next_event().await.json()["type"], "update");
+    assert_eq!(resumed.next_event().await.json()["type"], "delete");
+    client.database(&database).drop().await.unwrap();
 }
 
 #[tokio::test]
