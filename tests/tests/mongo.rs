@@ -437,3 +437,18 @@ async fn readiness_is_red_while_mongodb_is_unreachable() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test]
+async fn without_pre_images_the_stream_still_opens_and_the_refusal_is_counted() {
+    let Some(mut s) = setup().await else { return };
+    let stream = open(&s.gw, &s.acme, vec![]);
+    s.mongo.expect("collMod").await;
+    s.mongo.reply(json!({"ok": 0, "code": 13, "codeName": "Unauthorized", "errmsg": "not authorized"})).await;
+    // The $match still reads deletes from the pre-image: without one they match nothing.
+    assert_eq!(s.mongo.expect("aggregate").await["pipeline"][1], expected_match("acme"));
+    s.mongo.reply(cursor(42, "firstBatch", vec![], "8200")).await;
+    let _sse = stream.await.unwrap();
+    let metrics = s.gw.http.get(s.gw.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.lines().any(|l| l == "changegate_mongo_preimages_unavailable_total 1"), "{metrics}");
+    assert!(metrics.lines().any(|l| l == "changegate_mongo_change_streams_open 1"), "{metrics}");
+}
