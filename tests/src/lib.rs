@@ -657,8 +657,20 @@ impl MockMongo {
 
     /// The next command the gateway sends (`(name, document)`).
     pub async fn receive(&mut self) -> (String, Value) {
+        let (_, name, doc) = self.receive_numbered().await;
+        (name, doc)
+    }
+
+    /// The next command with its number, to answer it later with [`MockMongo::reply_to`].
+    pub async fn receive_numbered(&mut self) -> (u64, String, Value) {
         let answer = self.command(serde_json::json!({ "receive": 20 })).await;
-        (answer["command"].as_str().unwrap_or_default().to_owned(), answer["doc"].clone())
+        let number = answer["id"].as_u64().unwrap_or(0);
+        (number, answer["command"].as_str().unwrap_or_default().to_owned(), answer["doc"].clone())
+    }
+
+    /// Answers command `number` (not necessarily the last one received).
+    pub async fn reply_to(&mut self, number: u64, reply: Value) {
+        self.command(serde_json::json!({ "reply": reply, "to": number })).await;
     }
 
     /// Receives the next command, asserting its name.

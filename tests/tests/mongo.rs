@@ -452,3 +452,53 @@ async fn without_pre_images_the_stream_still_opens_and_the_refusal_is_counted() 
     assert!(metrics.lines().any(|l| l == "changegate_mongo_preimages_unavailable_total 1"), "{metrics}");
     assert!(metrics.lines().any(|l| l == "changegate_mongo_change_streams_open 1"), "{metrics}");
 }
+
+fn insert_at(data: &str, id: &str, title: &str, time: u32, increment: u32) -> Value {
+    let mut event = insert(data, id, "acme", title);
+    event["clusterTime"] = json!({"$timestamp": {"t": time, "i": increment}});
+    event
+}
+
+/// The resuming client's catch-up stream and the shared live stream both carry the changes
+/// committed meanwhile; the client must get each exactly once, in order — also the one the
+/// live stream delivered while the catch-up was still reading.
+#[tokio::test]
+async fn the_seam_between_catch_up_and_live_skips_exactly_what_was_already_sent() {
+    let Some(mut s) = setup().await else { return };
+    let stream = open(&s.gw, &s.acme, vec![]);
+    s.mongo.expect("collMod").await;
+    s.mongo.reply(json!({"ok": 1})).await;
+    s.mongo.expect("aggregate").await;
+    s.mongo
+        .reply(cursor(
+            42,
+            "firstBatch",
+            vec![insert_at("82A1", "64b7f0a1b2c3d4e5f6a7b8c1", "one", 100, 1)],
+            "82A1",
+        ))
+        .await;
+    let mut sse = stream.await.unwrap();
+    let seen = sse.next_event().await.id().unwrap().to_owned();
+    let (live_more, name, _) = s.mongo.receive_numbered().await;
+    assert_eq!(name, "getMore");
+    drop(sse);
+
+    let resumed = open(&s.gw, &s.acme, vec![("last-event-id", seen)]);
+    let (catch_up, name, doc) = s.mongo.receive_numbered().await;
+    assert_eq!(name, "aggregate", "{doc}");
+    assert_eq!(doc["pipeline"][0]["$changeStream"]["resumeAfter"], token("82A1"));
+    let missed = insert_at("82A2", "64b7f0a1b2c3d4e5f6a7b8c2", "missed", 100, 2);
+    let later = insert_at("82A3", "64b7f0a1b2c3d4e5f6a7b8c3", "later", 100, 3);
+    s.mongo.reply_to(catch_up, cursor(50, "firstBatch", vec![missed.clone()], "82A2")).await;
+    let (catch_up_more, name, doc) = s.mongo.receive_numbered().await;
+    assert_eq!((name.as_str(), &doc["getMore"]), ("getMore", &json!(50)));
+    // While the catch-up still reads, the live stream delivers both changes.
+    s.mongo.reply_to(live_more, cursor(42, "nextBatch", vec![missed, later], "82A3")).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.mongo.reply_to(catch_up_more, cursor(50, "nextBatch", vec![], "82A2")).await;
+
+    let mut resumed = resumed.await.unwrap();
+    assert_eq!(resumed.next_event().await.json()["document"]["title"], "missed");
+    assert_eq!(resumed.next_event().await.json()["document"]["title"], "later");
+    resumed.assert_quiet(Duration::from_millis(300)).await;
+}

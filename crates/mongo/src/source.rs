@@ -140,10 +140,11 @@ impl MongoSource {
             Err(error) => return Err(driver_error("resuming a change stream", &error)),
         };
         let mut frames = Vec::new();
+        let mut order = OplogOrder::default();
         loop {
             match stream.next_if_any().await {
                 Ok(Some(event)) => {
-                    if let Some(frame) = self.shared.frame(&key.tenant, name, &event)? {
+                    if let Some(frame) = self.shared.frame(&key.tenant, name, &event, &mut order)? {
                         frames.push(frame);
                     }
                 }
@@ -152,6 +153,34 @@ impl MongoSource {
                 Err(error) => return Err(driver_error("resuming a change stream", &error)),
             }
         }
+    }
+}
+
+/// Orders events the same way in every change stream of a feed — the shared live stream and a
+/// resuming client's catch-up stream — so the seam between them can skip exactly what was
+/// already sent: by cluster time, then by place inside one cluster time (the events of one
+/// transaction share it). A catch-up ends only at an empty batch, so it never stops inside a
+/// committed transaction.
+/// (Increments are assumed below 2^24 per second and transactions below 256 events; past that
+/// the numbers still strictly increase within a stream, so nothing is skipped there.)
+#[derive(Default)]
+struct OplogOrder {
+    last: Option<(u32, u32)>,
+    within: u64,
+    previous: u64,
+}
+
+impl OplogOrder {
+    fn seq(&mut self, time: u32, increment: u32) -> u64 {
+        if self.last == Some((time, increment)) {
+            self.within = (self.within + 1).min(0xFF);
+        } else {
+            self.last = Some((time, increment));
+            self.within = 0;
+        }
+        let seq = (u64::from(time) << 32) | (u64::from(increment.min(0x00FF_FFFF)) << 8) | self.within;
+        self.previous = seq.max(self.previous + 1);
+        self.previous
     }
 }
 
@@ -188,15 +217,17 @@ impl Shared {
         tenant: &TenantId,
         name: &CollectionName,
         raw: &Document,
+        order: &mut OplogOrder,
     ) -> Result<Option<Arc<Frame>>, MongoError> {
         let Some(body) = map_event(raw, name)? else { return Ok(None) };
         let token = raw.get_document("_id").map_err(|_| MongoError::Event("no resume token"))?;
         let cursor: Arc<str> = ResumeToken::new(token.clone()).encode().into();
-        let at = match raw.get("clusterTime") {
-            Some(Bson::Timestamp(ts)) => Timestamp::from_millis(u64::from(ts.time) * 1000),
-            _ => Timestamp::now(),
+        let (at, seq) = match raw.get("clusterTime") {
+            Some(Bson::Timestamp(ts)) => {
+                (Timestamp::from_millis(u64::from(ts.time) * 1000), order.seq(ts.time, ts.increment))
+            }
+            _ => (Timestamp::now(), self.sequence.fetch_add(1, Ordering::Relaxed) + 1),
         };
-        let seq = self.sequence.fetch_add(1, Ordering::Relaxed) + 1;
         let event = Event {
             tenant: tenant.clone(),
             position: Position::new(MONGO_EPOCH, seq),
@@ -290,6 +321,7 @@ async fn watch(
             let _ = ready.send(Ok(()));
         }
         backoff = Duration::from_millis(100);
+        let mut order = OplogOrder::default();
         shared.open.fetch_add(1, Ordering::Relaxed);
         metrics::gauge!("changegate_mongo_change_streams_open").increment(1.0);
         loop {
@@ -311,7 +343,7 @@ async fn watch(
                     } else {
                         raw.get_document("_id").ok().map(|t| ResumeToken::new(t.clone()))
                     };
-                    match shared.frame(&key.tenant, name, &raw) {
+                    match shared.frame(&key.tenant, name, &raw, &mut order) {
                         Ok(Some(frame)) => hub.dispatch(&key, frame),
                         Ok(None) => {}
                         Err(error) => tracing::error!(%error, "unreadable change event skipped"),
@@ -347,4 +379,23 @@ fn lost(shared: &Shared, key: &FeedKey, hub: &Hub) {
         cursor: None,
     };
     hub.dispatch(key, Arc::new(Frame::new(event)));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oplog_order_is_cluster_time_then_place_within_it() {
+        let mut live = OplogOrder::default();
+        let a = live.seq(100, 1);
+        let b = live.seq(100, 2);
+        let (t1, t2) = (live.seq(101, 1), live.seq(101, 1));
+        assert!(a < b && b < t1 && t1 < t2, "strictly increasing");
+        // A catch-up stream that starts at the same transaction numbers it the same way.
+        let mut catch_up = OplogOrder::default();
+        assert_eq!((catch_up.seq(101, 1), catch_up.seq(101, 1)), (t1, t2));
+        // And a later second is always later, whatever the increments.
+        assert!(OplogOrder::default().seq(102, 0) > t2);
+    }
 }
