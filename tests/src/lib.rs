@@ -29,10 +29,28 @@ fn binary() -> PathBuf {
     BUILT
         .get_or_init(|| {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let status = std::process::Command::new(cargo)
-                .args(["build", "--quiet", "-p", "changegate", "--bin", "changegate"])
-                .status()
-                .expect("cargo runs");
+            let mut build = std::process::Command::new(cargo);
+            build.args(["build", "--quiet", "-p", "changegate", "--bin", "changegate"]);
+            // Cargo sets these for the test process; build scripts that watch them (ring's
+            // does) would otherwise see a change on every run and rebuild half the tree.
+            for (name, _) in std::env::vars_os() {
+                let name = name.to_string_lossy();
+                let per_package = name.starts_with("CARGO_PKG_")
+                    || name.starts_with("CARGO_BIN_")
+                    || matches!(
+                        &*name,
+                        "CARGO_MANIFEST_DIR"
+                            | "CARGO_MANIFEST_PATH"
+                            | "CARGO_CRATE_NAME"
+                            | "CARGO_PRIMARY_PACKAGE"
+                            | "CARGO_TARGET_TMPDIR"
+                            | "CARGO_MANIFEST_LINKS"
+                    );
+                if per_package {
+                    build.env_remove(&*name);
+                }
+            }
+            let status = build.status().expect("cargo runs");
             assert!(status.success(), "building the changegate binary failed");
             let target = std::env::var_os("CARGO_TARGET_DIR")
                 .map(PathBuf::from)
