@@ -28,6 +28,19 @@ async fn setup() -> Option<Setup> {
     Some(Setup { gw, mongo, acme, beta })
 }
 
+impl Setup {
+    /// Opens tenant acme's stream: pre-images enabled, the change stream opened as cursor 42
+    /// whose first batch is `first`.
+    async fn live(&mut self, first: Value) -> Sse {
+        let stream = open(&self.gw, &self.acme, vec![]);
+        self.mongo.expect("collMod").await;
+        self.mongo.reply(json!({"ok": 1})).await;
+        self.mongo.expect("aggregate").await;
+        self.mongo.reply(cursor(42, "firstBatch", vec![first], "82A1")).await;
+        stream.await.unwrap()
+    }
+}
+
 fn oid(hex: &str) -> Value {
     json!({"$oid": hex})
 }
@@ -228,19 +241,7 @@ async fn each_tenant_has_its_own_change_stream_and_sees_only_its_changes() {
 #[tokio::test]
 async fn after_a_hang_up_the_stream_resumes_from_the_last_token_and_loses_nothing() {
     let Some(mut s) = setup().await else { return };
-    let stream = open(&s.gw, &s.acme, vec![]);
-    s.mongo.expect("collMod").await;
-    s.mongo.reply(json!({"ok": 1})).await;
-    s.mongo.expect("aggregate").await;
-    s.mongo
-        .reply(cursor(
-            42,
-            "firstBatch",
-            vec![insert("82A1", "64b7f0a1b2c3d4e5f6a7b8c9", "acme", "one")],
-            "82A1",
-        ))
-        .await;
-    let mut sse = stream.await.unwrap();
+    let mut sse = s.live(insert("82A1", "64b7f0a1b2c3d4e5f6a7b8c9", "acme", "one")).await;
     assert_eq!(sse.next_event().await.json()["document"]["title"], "one");
     s.mongo.expect("getMore").await;
     s.mongo.hang_up().await;
@@ -271,19 +272,7 @@ async fn after_a_hang_up_the_stream_resumes_from_the_last_token_and_loses_nothin
 #[tokio::test]
 async fn a_client_resuming_with_its_token_catches_up_or_is_told_to_reset() {
     let Some(mut s) = setup().await else { return };
-    let stream = open(&s.gw, &s.acme, vec![]);
-    s.mongo.expect("collMod").await;
-    s.mongo.reply(json!({"ok": 1})).await;
-    s.mongo.expect("aggregate").await;
-    s.mongo
-        .reply(cursor(
-            42,
-            "firstBatch",
-            vec![insert("82A1", "64b7f0a1b2c3d4e5f6a7b8c9", "acme", "one")],
-            "82A1",
-        ))
-        .await;
-    let mut sse = stream.await.unwrap();
+    let mut sse = s.live(insert("82A1", "64b7f0a1b2c3d4e5f6a7b8c9", "acme", "one")).await;
     let seen = sse.next_event().await.id().unwrap().to_owned();
     drop(sse);
 
@@ -465,19 +454,7 @@ fn insert_at(data: &str, id: &str, title: &str, time: u32, increment: u32) -> Va
 #[tokio::test]
 async fn the_seam_between_catch_up_and_live_skips_exactly_what_was_already_sent() {
     let Some(mut s) = setup().await else { return };
-    let stream = open(&s.gw, &s.acme, vec![]);
-    s.mongo.expect("collMod").await;
-    s.mongo.reply(json!({"ok": 1})).await;
-    s.mongo.expect("aggregate").await;
-    s.mongo
-        .reply(cursor(
-            42,
-            "firstBatch",
-            vec![insert_at("82A1", "64b7f0a1b2c3d4e5f6a7b8c1", "one", 100, 1)],
-            "82A1",
-        ))
-        .await;
-    let mut sse = stream.await.unwrap();
+    let mut sse = s.live(insert_at("82A1", "64b7f0a1b2c3d4e5f6a7b8c1", "one", 100, 1)).await;
     let seen = sse.next_event().await.id().unwrap().to_owned();
     let (live_more, name, _) = s.mongo.receive_numbered().await;
     assert_eq!(name, "getMore");
