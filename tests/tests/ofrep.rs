@@ -32,20 +32,25 @@ async fn setup(args: &[&str]) -> Setup {
         json!({"key": "split", "enabled": true, "variants": {"x": 1, "y": 2}, "defaultVariant": "x",
                "rules": [{"id": "half", "serve": {"rollout": [{"variant": "x", "weight": 50}, {"variant": "y", "weight": 50}]}}]}),
     ] {
-        let response =
-            s.gw.http
-                .post(s.gw.url("/v1/flags?environment=production"))
-                .header("apikey", &s.service)
-                .json(&flag)
-                .send()
-                .await
-                .unwrap();
-        assert_eq!(response.status(), 201);
+        s.create_flag(&flag).await;
     }
     s
 }
 
 impl Setup {
+    async fn create_flag(&self, flag: &Value) {
+        let response = self
+            .gw
+            .http
+            .post(self.gw.url("/v1/flags?environment=production"))
+            .header("apikey", &self.service)
+            .json(flag)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
+    }
+
     async fn evaluate(
         &self,
         path: &str,
@@ -204,15 +209,7 @@ async fn the_published_openfeature_providers_evaluate_and_follow_changes() {
                           "serve": {"variant": "on"}}]}),
         json!({"key": "banner", "enabled": true, "variants": {"summer": "summer", "winter": "winter"}, "defaultVariant": "summer"}),
     ] {
-        let response =
-            s.gw.http
-                .post(s.gw.url("/v1/flags?environment=production"))
-                .header("apikey", &s.service)
-                .json(&flag)
-                .send()
-                .await
-                .unwrap();
-        assert_eq!(response.status(), 201);
+        s.create_flag(&flag).await;
     }
     let dir = npm_project("ofrep");
     let run = tokio::process::Command::new("node")

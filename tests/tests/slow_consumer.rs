@@ -7,7 +7,7 @@ use std::time::Duration;
 use changegate_e2e::{Gateway, PATIENCE, seq};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpSocket;
+use tokio::net::{TcpSocket, TcpStream};
 
 /// The body of a chunked HTTP/1.1 response, de-chunked.
 fn dechunk(raw: &[u8]) -> String {
@@ -27,9 +27,9 @@ fn dechunk(raw: &[u8]) -> String {
     body
 }
 
-#[tokio::test]
-async fn a_stalled_reader_is_disconnected_with_a_retry_hint_and_resumes_without_loss() {
-    let gw = Arc::new(Gateway::start(&["--buffer", "16", "--retention-events", "100000"]).await);
+/// A subscriber on a raw socket with a tiny receive buffer: it reads the response head and the
+/// `retry:` line (returned), then the test stops reading.
+async fn stalled_reader(gw: &Gateway) -> (TcpStream, Vec<u8>) {
     let address = gw.base.trim_start_matches("http://").parse().unwrap();
     let socket = TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
@@ -39,10 +39,16 @@ async fn a_stalled_reader_is_disconnected_with_a_retry_hint_and_resumes_without_
         gw.dev_key("anon")
     );
     stalled.write_all(request.as_bytes()).await.unwrap();
-    // Wait for the head and the retry line, then stop reading.
-    let mut raw = vec![0u8; 512];
-    let n = tokio::time::timeout(PATIENCE, stalled.read(&mut raw)).await.unwrap().unwrap();
-    raw.truncate(n);
+    let mut head = vec![0u8; 512];
+    let n = tokio::time::timeout(PATIENCE, stalled.read(&mut head)).await.unwrap().unwrap();
+    head.truncate(n);
+    (stalled, head)
+}
+
+#[tokio::test]
+async fn a_stalled_reader_is_disconnected_with_a_retry_hint_and_resumes_without_loss() {
+    let gw = Arc::new(Gateway::start(&["--buffer", "16", "--retention-events", "100000"]).await);
+    let (mut stalled, mut raw) = stalled_reader(&gw).await;
 
     // Far more than the socket buffers and the hub's 16-event window can hold.
     let padding = "x".repeat(8 * 1024);
@@ -107,17 +113,7 @@ async fn a_stalled_reader_is_disconnected_with_a_retry_hint_and_resumes_without_
 async fn a_reader_that_never_reads_again_is_disconnected_after_the_write_timeout() {
     // A hub buffer so large the reader never lags: only the blocked socket can reveal it.
     let gw = Arc::new(Gateway::start(&["--buffer", "100000", "--write-timeout", "1s"]).await);
-    let address = gw.base.trim_start_matches("http://").parse().unwrap();
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut stalled = socket.connect(address).await.unwrap();
-    let request = format!(
-        "GET /v1/events/subscribe?topic=flood&apikey={} HTTP/1.1\r\nHost: test\r\n\r\n",
-        gw.dev_key("anon")
-    );
-    stalled.write_all(request.as_bytes()).await.unwrap();
-    let mut head = vec![0u8; 512];
-    let _ = tokio::time::timeout(PATIENCE, stalled.read(&mut head)).await.unwrap().unwrap();
+    let (mut stalled, _head) = stalled_reader(&gw).await;
     // Fill every buffer between the gateway and this reader, then never read.
     let padding = "x".repeat(8 * 1024);
     for i in 0..1500 {
