@@ -479,3 +479,38 @@ async fn the_seam_between_catch_up_and_live_skips_exactly_what_was_already_sent(
     assert_eq!(resumed.next_event().await.json()["document"]["title"], "later");
     resumed.assert_quiet(Duration::from_millis(300)).await;
 }
+
+/// A live stream whose history is lost after it delivered changes (numbered by cluster time)
+/// must still tell its subscriber to reset: the reset is numbered after them, in the same space.
+#[tokio::test]
+async fn a_history_lost_reopen_after_delivered_changes_reaches_the_subscriber_as_a_reset() {
+    let Some(mut s) = setup().await else { return };
+    let mut sse = s.live(insert_at("82A1", "64b7f0a1b2c3d4e5f6a7b8c1", "one", 1_800_000_000, 1)).await;
+    assert_eq!(sse.next_event().await.json()["document"]["title"], "one");
+    s.mongo.expect("getMore").await;
+    s.mongo
+        .reply(json!({"ok": 0, "code": 286, "codeName": "ChangeStreamHistoryLost", "errmsg": "history lost"}))
+        .await;
+    // The feed starts again from now (no resume token) …
+    let again = loop {
+        let (name, doc) = s.mongo.receive().await;
+        match name.as_str() {
+            "aggregate" => break doc,
+            "killCursors" | "endSessions" => continue,
+            other => panic!("unexpected {other}: {doc}"),
+        }
+    };
+    assert!(again["pipeline"][0]["$changeStream"].get("resumeAfter").is_none(), "{again}");
+    s.mongo
+        .reply(cursor(
+            43,
+            "firstBatch",
+            vec![insert_at("82B1", "64b7f0a1b2c3d4e5f6a7b8c2", "two", 1_800_000_100, 1)],
+            "82B1",
+        ))
+        .await;
+    // … and the subscriber is told, before the first change of the new stream.
+    let reset = sse.next_event().await;
+    assert_eq!((reset.event(), reset.json()), (Some("reset"), json!({"reason": "position-expired"})));
+    assert_eq!(sse.next_event().await.json()["document"]["title"], "two");
+}

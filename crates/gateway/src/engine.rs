@@ -261,9 +261,18 @@ impl Engine {
                         };
                         match op(&mut env, now) {
                             Ok((r, events)) => {
+                                // Never write `null` over an environment's flags: a state that
+                                // cannot be serialised fails the write instead.
+                                let state = match serde_json::to_value(&env) {
+                                    Ok(state) => state,
+                                    Err(e) => {
+                                        failure = Some(FlagError::Invalid(format!("flags: {e}")));
+                                        return None;
+                                    }
+                                };
                                 result = Some(r);
                                 let bodies = events.into_iter().map(|e| e.into_body(environment)).collect();
-                                Some((serde_json::to_value(&env).unwrap_or_default(), bodies))
+                                Some((state, bodies))
                             }
                             Err(e) => {
                                 failure = Some(e);

@@ -57,7 +57,24 @@ pub fn collection(name: &CollectionName) -> Result<&str, MongoError> {
 }
 
 /// The document field holding the tenant (default `tenantId`): dotted paths allowed, but no `$`
-/// and no empty segment, so it can only ever name a field.
+/// and no empty segment, so it can only ever name a field. Parsed once at start, so a change
+/// stream can never be opened without the tenant `$match` (see [`pipeline`]).
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct TenantField(String);
+
+impl TenantField {
+    /// Parses a field path.
+    pub fn parse(field: &str) -> Result<Self, MongoError> {
+        tenant_field(field).map(|f| Self(f.to_owned()))
+    }
+
+    /// The field path.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Checks a tenant field path (see [`TenantField`]).
 pub fn tenant_field(field: &str) -> Result<&str, MongoError> {
     let bad = |reason| Err(MongoError::Name { kind: "tenant field", reason });
     if field.is_empty() || field.len() > 200 {
@@ -71,16 +88,18 @@ pub fn tenant_field(field: &str) -> Result<&str, MongoError> {
 
 /// The change stream's pipeline: one `$match` that admits a data change only for `tenant`,
 /// and collection-level events (drop, rename, dropDatabase, invalidate) so subscribers can be
-/// told to refetch.
+/// told to refetch. Infallible: the field was checked when it was parsed.
 ///
 /// ```
 /// use changegate_core::TenantId;
-/// let pipeline = changegate_mongo::pipeline("tenantId", &TenantId::parse("acme").unwrap()).unwrap();
+/// use changegate_mongo::{TenantField, pipeline};
+/// let field = TenantField::parse("tenantId").unwrap();
+/// let pipeline = pipeline(&field, &TenantId::parse("acme").unwrap());
 /// assert_eq!(pipeline.len(), 1);
 /// ```
-pub fn pipeline(field: &str, tenant: &TenantId) -> Result<Vec<Document>, MongoError> {
-    let field = tenant_field(field)?;
-    Ok(vec![doc! {
+pub fn pipeline(field: &TenantField, tenant: &TenantId) -> Vec<Document> {
+    let field = field.as_str();
+    vec![doc! {
         "$match": {
             "$or": [
                 {
@@ -94,7 +113,7 @@ pub fn pipeline(field: &str, tenant: &TenantId) -> Result<Vec<Document>, MongoEr
                 { "operationType": { "$in": ["drop", "rename", "dropDatabase", "invalidate"] } },
             ]
         }
-    }])
+    }]
 }
 
 /// The `$changeStream` options every stream is opened with (what [`source`] sets through the
@@ -206,7 +225,7 @@ mod tests {
 
     #[test]
     fn the_pipeline_matches_the_tenant_in_the_image_each_operation_has() {
-        let pipeline = pipeline("tenantId", &tenant()).unwrap();
+        let pipeline = pipeline(&TenantField::parse("tenantId").unwrap(), &tenant());
         let expected = doc! {
             "$match": {
                 "$or": [
@@ -226,7 +245,7 @@ mod tests {
     }
 
     fn pipeline_field(field: &str) -> String {
-        format!("{:?}", pipeline(field, &tenant()).unwrap())
+        format!("{:?}", pipeline(&TenantField::parse(field).unwrap(), &tenant()))
     }
 
     #[test]

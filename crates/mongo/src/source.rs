@@ -57,12 +57,11 @@ pub enum CatchUp {
 
 struct Shared {
     database: Database,
-    field: String,
+    field: crate::TenantField,
     max_await: Duration,
     cancel: CancellationToken,
     feeds: Mutex<HashMap<FeedKey, CancellationToken>>,
     preimages: Mutex<HashSet<String>>,
-    sequence: AtomicU64,
     open: AtomicU64,
     /// Set right after the hub is built (the hub owns the upstream that owns this).
     hub: OnceLock<Hub>,
@@ -91,7 +90,7 @@ impl MongoSource {
         hub: HubConfig,
         cancel: CancellationToken,
     ) -> Result<Self, MongoError> {
-        crate::tenant_field(&config.tenant_field)?;
+        let field = crate::TenantField::parse(&config.tenant_field)?;
         let mut options = mongodb::options::ClientOptions::parse(&config.url)
             .await
             .map_err(|e| MongoError::Driver(format!("invalid MONGODB_URL: {e}")))?;
@@ -100,12 +99,11 @@ impl MongoSource {
         let client = Client::with_options(options).map_err(|e| driver_error("connecting", &e))?;
         let shared = Arc::new(Shared {
             database: client.database(&config.database),
-            field: config.tenant_field.clone(),
+            field,
             max_await: config.max_await,
             cancel,
             feeds: Mutex::new(HashMap::new()),
             preimages: Mutex::new(HashSet::new()),
-            sequence: AtomicU64::new(0),
             open: AtomicU64::new(0),
             hub: OnceLock::new(),
         });
@@ -182,6 +180,13 @@ impl OplogOrder {
         self.previous = seq.max(self.previous + 1);
         self.previous
     }
+
+    /// The next number after everything this order has handed out: for an event that has no
+    /// cluster time of its own (a `reset` this gateway makes, an event without `clusterTime`).
+    fn next(&mut self) -> u64 {
+        self.previous += 1;
+        self.previous
+    }
 }
 
 fn history_lost(error: &mongodb::error::Error) -> bool {
@@ -196,7 +201,7 @@ impl Shared {
         after: Option<&ResumeToken>,
     ) -> Result<ChangeStream<Document>, mongodb::error::Error> {
         let coll = self.database.collection::<Document>(name.as_str());
-        let pipeline = pipeline(&self.field, tenant).unwrap_or_default();
+        let pipeline = pipeline(&self.field, tenant);
         let resume = after.and_then(|t| {
             bson::deserialize_from_bson::<DriverToken>(Bson::Document(t.document().clone())).ok()
         });
@@ -226,7 +231,7 @@ impl Shared {
             Some(Bson::Timestamp(ts)) => {
                 (Timestamp::from_millis(u64::from(ts.time) * 1000), order.seq(ts.time, ts.increment))
             }
-            _ => (Timestamp::now(), self.sequence.fetch_add(1, Ordering::Relaxed) + 1),
+            _ => (Timestamp::now(), order.next()),
         };
         let event = Event {
             tenant: tenant.clone(),
@@ -294,6 +299,9 @@ async fn watch(
     let mut resume: Option<ResumeToken> = None;
     let mut backoff = Duration::from_millis(100);
     let Some(hub) = shared.hub.get().cloned() else { return };
+    // One numbering for the feed's whole life, across reopens: a reset after a lost history is
+    // numbered after every change already delivered, so no subscriber's seam skips it.
+    let mut order = OplogOrder::default();
     loop {
         let opened = tokio::select! {
             () = stop.cancelled() => return,
@@ -302,7 +310,7 @@ async fn watch(
         let mut stream = match opened {
             Ok(stream) => stream,
             Err(error) if history_lost(&error) => {
-                lost(&shared, &key, &hub);
+                lost(&key, &hub, &mut order);
                 resume = None;
                 continue;
             }
@@ -321,7 +329,6 @@ async fn watch(
             let _ = ready.send(Ok(()));
         }
         backoff = Duration::from_millis(100);
-        let mut order = OplogOrder::default();
         shared.open.fetch_add(1, Ordering::Relaxed);
         metrics::gauge!("changegate_mongo_change_streams_open").increment(1.0);
         loop {
@@ -351,7 +358,7 @@ async fn watch(
                 }
                 Some(Some(Err(error))) => {
                     if history_lost(&error) {
-                        lost(&shared, &key, &hub);
+                        lost(&key, &hub, &mut order);
                         resume = None;
                     } else {
                         tracing::warn!(%error, "MongoDB change stream interrupted; resuming");
@@ -369,8 +376,8 @@ async fn watch(
     }
 }
 
-fn lost(shared: &Shared, key: &FeedKey, hub: &Hub) {
-    let seq = shared.sequence.fetch_add(1, Ordering::Relaxed) + 1;
+fn lost(key: &FeedKey, hub: &Hub, order: &mut OplogOrder) {
+    let seq = order.next();
     let event = Event {
         tenant: key.tenant.clone(),
         position: Position::new(MONGO_EPOCH, seq),
@@ -397,5 +404,14 @@ mod tests {
         assert_eq!((catch_up.seq(101, 1), catch_up.seq(101, 1)), (t1, t2));
         // And a later second is always later, whatever the increments.
         assert!(OplogOrder::default().seq(102, 0) > t2);
+    }
+
+    #[test]
+    fn a_number_without_a_cluster_time_follows_everything_numbered_before_it() {
+        let mut live = OplogOrder::default();
+        let change = live.seq(1_800_000_000, 1);
+        let reset = live.next();
+        assert!(reset > change);
+        assert!(live.seq(1_800_000_100, 1) > reset);
     }
 }
