@@ -67,6 +67,31 @@ async fn a_position_older_than_retention_yields_reset_then_live_events() {
     assert_eq!(resumed.next_event().await.id(), Some(live.as_str()));
 }
 
+/// A catch-up longer than `--replay-max` is a `reset`, not a long replay; one within it replays
+/// in pages (here 1 200 events: three pages) with every event once, in order.
+#[tokio::test]
+async fn a_catch_up_longer_than_the_cap_is_a_reset_and_one_within_it_replays_across_pages() {
+    let gw = Gateway::start(&["--replay-max", "1200"]).await;
+    let publisher = gw.dev_key("publish");
+    let far = gw.publish(publisher, "t", json!(0)).await;
+    let near = gw.publish(publisher, "t", json!(1)).await;
+    let mut published = Vec::new();
+    for i in 0..1200 {
+        published.push(gw.publish(publisher, "t", json!(i)).await);
+    }
+    let mut capped = gw.sse(&subscribe_path(&gw, "t"), &[("last-event-id", &far)]).await;
+    let reset = capped.next_event().await;
+    assert_eq!((reset.event(), reset.id()), (Some("reset"), published.last().map(String::as_str)));
+    capped.assert_quiet(Duration::from_millis(200)).await;
+
+    let mut within = gw.sse(&subscribe_path(&gw, "t"), &[("last-event-id", &near)]).await;
+    for id in &published {
+        assert_eq!(within.next_event().await.id(), Some(id.as_str()));
+    }
+    let live = gw.publish(publisher, "t", json!("live")).await;
+    assert_eq!(within.next_event().await.id(), Some(live.as_str()));
+}
+
 #[tokio::test]
 async fn an_id_from_another_gateway_process_yields_reset_not_a_wrong_replay() {
     let old = Gateway::start(&[]).await;

@@ -12,6 +12,7 @@ pub mod hub;
 pub mod memory;
 pub mod names;
 pub mod position;
+pub mod replay;
 pub mod sse;
 
 pub use auth::{ApiKey, KeyHash, KeyRecord, Principal, Role, Scope};
@@ -19,6 +20,7 @@ pub use event::{
     ConfigReason, Event, EventBody, FlagEventKind, Frame, Op, ResetReason, SourceKind, Timestamp,
 };
 pub use hub::{Feed, FeedKey, Filter, Hub, HubConfig, Lagged, Subscription};
-pub use memory::{MemoryEngine, MemoryKeys, Replay, Retention};
+pub use memory::{MemoryEngine, MemoryKeys, Retention};
 pub use names::{CollectionName, EnvironmentId, NameError, TenantId, Topic, TopicPattern};
 pub use position::{Epoch, Position, PositionError};
+pub use replay::{PAGE, Replay, Start};

@@ -17,6 +17,7 @@ use crate::event::{Event, EventBody, Frame, Timestamp};
 use crate::hub::{Feed, FeedKey, Filter, Hub, HubConfig, NoUpstream};
 use crate::names::{TenantId, Topic};
 use crate::position::{Epoch, Position};
+use crate::replay::{Replay, Start};
 
 /// How much of each tenant's log is kept for replay.
 #[derive(Clone, Copy, Debug)]
@@ -31,15 +32,6 @@ impl Default for Retention {
     fn default() -> Self {
         Self { max_events: 10_000, max_age: Duration::from_secs(3600) }
     }
-}
-
-/// What a resuming subscriber gets from the log.
-#[derive(Debug)]
-pub enum Replay {
-    /// Every retained event after the position, in order (possibly none).
-    Events(Vec<Arc<Frame>>),
-    /// The position is unknown or older than retention: the client must refetch.
-    Reset,
 }
 
 #[derive(Default)]
@@ -138,43 +130,47 @@ impl MemoryEngine {
         position
     }
 
-    /// The retained events of `key` after `after` that match `filter`, or [`Replay::Reset`]
-    /// when events after `after` may have been dropped or `after` was never issued here.
-    pub fn replay(&self, key: &FeedKey, filter: &Filter, after: Position) -> Replay {
+    /// One page of `key`'s retained events from `start` that match `filter`, reading at most
+    /// `limit` events of the log; [`Replay::Reset`] when events after `start` may have been
+    /// dropped (also between two pages of one catch-up) or its position was never issued here.
+    pub fn replay(&self, key: &FeedKey, filter: &Filter, start: Start, limit: usize) -> Replay {
         let issued = *self.last_seq.lock().unwrap_or_else(PoisonError::into_inner);
         let logged_here = matches!(key.feed, Feed::Messages | Feed::Flags);
-        if after.epoch() != self.epoch || after.seq() > issued || !logged_here {
+        if let Start::After(after) = start
+            && (after.epoch() != self.epoch || after.seq() > issued)
+        {
+            return Replay::Reset;
+        }
+        if !logged_here {
             return Replay::Reset;
         }
         let log = self.log(&key.tenant);
         let mut log = log.lock().unwrap_or_else(PoisonError::into_inner);
         log.prune(self.retention, Timestamp::now());
-        if after.seq() < log.pruned_through {
-            return Replay::Reset;
-        }
-        let start = log.events.partition_point(|f| f.position().seq() <= after.seq());
-        let events = log
-            .events
-            .range(start..)
+        let first = match start {
+            Start::After(after) if after.seq() < log.pruned_through => return Replay::Reset,
+            Start::After(after) => log.events.partition_point(|f| f.position().seq() <= after.seq()),
+            Start::Since(at) => {
+                log.events.iter().position(|f| f.event().at >= at).unwrap_or(log.events.len())
+            }
+        };
+        let end = first.saturating_add(limit.max(1)).min(log.events.len());
+        let read = log.events.range(first..end);
+        let next = (end < log.events.len()).then(|| log.events[end - 1].position());
+        let frames = read
             .filter(|f| feed_of(f.event()) == Some(&key.feed) && filter.matches(f.event()))
             .cloned()
             .collect();
-        Replay::Events(events)
+        Replay::Page { frames, next }
     }
-}
 
-impl MemoryEngine {
-    /// The retained events of `key` committed at or after `since_ms` (epoch milliseconds).
-    pub fn replay_since(&self, key: &FeedKey, filter: &Filter, since_ms: u64) -> Vec<Arc<Frame>> {
+    /// Whether more than `cap` events of `key`'s tenant follow `after` (a catch-up that long
+    /// gets a `reset` instead).
+    pub fn backlog_exceeds(&self, key: &FeedKey, after: Position, cap: u64) -> bool {
         let log = self.log(&key.tenant);
-        let mut log = log.lock().unwrap_or_else(PoisonError::into_inner);
-        log.prune(self.retention, Timestamp::now());
-        log.events
-            .iter()
-            .filter(|f| f.event().at.as_millis() >= since_ms)
-            .filter(|f| feed_of(f.event()) == Some(&key.feed) && filter.matches(f.event()))
-            .cloned()
-            .collect()
+        let log = log.lock().unwrap_or_else(PoisonError::into_inner);
+        let first = log.events.partition_point(|f| f.position().seq() <= after.seq());
+        u64::try_from(log.events.len() - first).unwrap_or(u64::MAX) > cap
     }
 }
 
@@ -264,10 +260,12 @@ mod tests {
 
     fn seqs(replay: Replay) -> Vec<u64> {
         match replay {
-            Replay::Events(frames) => frames.iter().map(|f| f.position().seq()).collect(),
-            Replay::Reset => panic!("expected events, got a reset"),
+            Replay::Page { frames, next: None } => frames.iter().map(|f| f.position().seq()).collect(),
+            other => panic!("expected the last page, got {other:?}"),
         }
     }
+
+    const ALL: usize = usize::MAX;
 
     fn engine(max_events: usize) -> MemoryEngine {
         let retention = Retention { max_events, max_age: Duration::from_secs(60) };
@@ -285,10 +283,10 @@ mod tests {
         engine.publish(&tenant("b"), topic("x"), json!(2));
         let p3 = engine.publish(&tenant("a"), topic("y"), json!(3));
         let p4 = engine.publish(&tenant("a"), topic("x"), json!(4));
-        assert_eq!(seqs(engine.replay(&messages("a"), &all(), p1)), [p3.seq(), p4.seq()]);
+        assert_eq!(seqs(engine.replay(&messages("a"), &all(), Start::After(p1), ALL)), [p3.seq(), p4.seq()]);
         let only_x = Filter::Topics(TopicPattern::parse("x").unwrap());
-        assert_eq!(seqs(engine.replay(&messages("a"), &only_x, p1)), [p4.seq()]);
-        assert_eq!(seqs(engine.replay(&messages("a"), &all(), p4)), Vec::<u64>::new());
+        assert_eq!(seqs(engine.replay(&messages("a"), &only_x, Start::After(p1), ALL)), [p4.seq()]);
+        assert_eq!(seqs(engine.replay(&messages("a"), &all(), Start::After(p4), ALL)), Vec::<u64>::new());
     }
 
     #[tokio::test]
@@ -299,9 +297,9 @@ mod tests {
         for _ in 0..3 {
             engine.publish(&tenant("a"), topic("x"), json!(0));
         }
-        assert!(matches!(engine.replay(&messages("a"), &all(), first), Replay::Reset));
+        assert!(matches!(engine.replay(&messages("a"), &all(), Start::After(first), ALL), Replay::Reset));
         // The oldest retained event follows `second` directly: nothing was lost after it.
-        assert_eq!(seqs(engine.replay(&messages("a"), &all(), second)).len(), 3);
+        assert_eq!(seqs(engine.replay(&messages("a"), &all(), Start::After(second), ALL)).len(), 3);
     }
 
     #[tokio::test]
@@ -310,8 +308,51 @@ mod tests {
         let p = engine.publish(&tenant("a"), topic("x"), json!(0));
         let other_log = Position::new(Epoch(engine.epoch().0.wrapping_add(1)), p.seq());
         let future = Position::new(engine.epoch(), p.seq() + 1);
-        assert!(matches!(engine.replay(&messages("a"), &all(), other_log), Replay::Reset));
-        assert!(matches!(engine.replay(&messages("a"), &all(), future), Replay::Reset));
+        assert!(matches!(engine.replay(&messages("a"), &all(), Start::After(other_log), ALL), Replay::Reset));
+        assert!(matches!(engine.replay(&messages("a"), &all(), Start::After(future), ALL), Replay::Reset));
+    }
+
+    #[tokio::test]
+    async fn a_catch_up_reads_in_pages_that_join_without_gap_or_repeat() {
+        let engine = engine(100);
+        let first = engine.publish(&tenant("a"), topic("x"), json!(0));
+        let published: Vec<u64> =
+            (1..=10).map(|i| engine.publish(&tenant("a"), topic("x"), json!(i)).seq()).collect();
+        let mut from = first;
+        let mut read = Vec::new();
+        let mut pages = 0;
+        loop {
+            pages += 1;
+            match engine.replay(&messages("a"), &all(), Start::After(from), 3) {
+                Replay::Page { frames, next } => {
+                    assert!(frames.len() <= 3);
+                    read.extend(frames.iter().map(|f| f.position().seq()));
+                    match next {
+                        Some(next) => from = next,
+                        None => break,
+                    }
+                }
+                Replay::Reset => panic!("nothing was pruned"),
+            }
+        }
+        assert_eq!((read, pages), (published, 4));
+        assert!(engine.backlog_exceeds(&messages("a"), first, 9));
+        assert!(!engine.backlog_exceeds(&messages("a"), first, 10));
+    }
+
+    #[tokio::test]
+    async fn a_page_after_events_pruned_between_pages_is_a_reset() {
+        let engine = engine(3);
+        let first = engine.publish(&tenant("a"), topic("x"), json!(0));
+        engine.publish(&tenant("a"), topic("x"), json!(1));
+        let Replay::Page { next: None, .. } = engine.replay(&messages("a"), &all(), Start::After(first), 1)
+        else {
+            panic!("one event after the first, read in one page");
+        };
+        for i in 0..3 {
+            engine.publish(&tenant("a"), topic("x"), json!(i));
+        }
+        assert!(matches!(engine.replay(&messages("a"), &all(), Start::After(first), 1), Replay::Reset));
     }
 
     #[tokio::test]

@@ -4,7 +4,7 @@
 
 use changegate_core::{
     ApiKey, CollectionName, Feed, FeedKey, Filter, Hub, KeyRecord, MemoryEngine, MemoryKeys, Position,
-    Replay, SourceKind, TenantId, Topic,
+    Replay, SourceKind, Start, TenantId, Topic,
 };
 use changegate_core::{ConfigReason, EnvironmentId, EventBody, Timestamp};
 use changegate_flags::memory::MemoryFlags;
@@ -123,24 +123,25 @@ impl Engine {
         Ok(FeedKey { tenant, feed: Feed::Collection { source: SourceKind::Postgres, name: canonical } })
     }
 
-    /// What a subscriber resuming after `after` must receive before live events.
-    pub async fn replay(&self, key: &FeedKey, filter: &Filter, after: Position) -> Result<Replay, ApiError> {
-        match self {
-            Self::Memory { engine, .. } => Ok(engine.replay(key, filter, after)),
-            Self::Postgres(engine) => Ok(engine.replay(key, filter, after).await?),
-        }
-    }
-
-    /// The retained events of `key` committed at or after `since_ms` (dialect C's resume).
-    pub async fn replay_since(
+    /// One page of a catch-up of `key` from `start` (see [`Replay`]).
+    pub async fn replay(
         &self,
         key: &FeedKey,
         filter: &Filter,
-        since_ms: u64,
-    ) -> Result<Vec<std::sync::Arc<changegate_core::Frame>>, ApiError> {
+        start: Start,
+        limit: usize,
+    ) -> Result<Replay, ApiError> {
         match self {
-            Self::Memory { engine, .. } => Ok(engine.replay_since(key, filter, since_ms)),
-            Self::Postgres(engine) => Ok(engine.replay_since(key, filter, since_ms).await?),
+            Self::Memory { engine, .. } => Ok(engine.replay(key, filter, start, limit)),
+            Self::Postgres(engine) => Ok(engine.replay(key, filter, start, limit).await?),
+        }
+    }
+
+    /// Whether more than `cap` events of `key` follow `after`.
+    pub async fn backlog_exceeds(&self, key: &FeedKey, after: Position, cap: u64) -> Result<bool, ApiError> {
+        match self {
+            Self::Memory { engine, .. } => Ok(engine.backlog_exceeds(key, after, cap)),
+            Self::Postgres(engine) => Ok(engine.backlog_exceeds(key, after, cap).await?),
         }
     }
 

@@ -206,6 +206,10 @@ struct Serve {
     /// How long events are kept for replay (both engines).
     #[arg(long, env = "CHANGEGATE_RETENTION_AGE", default_value = "1h", value_parser = duration)]
     retention_age: Duration,
+    /// Longest catch-up served to a resuming client, in events; one further behind gets `reset`
+    /// (it refetches its state) instead of a long replay.
+    #[arg(long, env = "CHANGEGATE_REPLAY_MAX", default_value_t = 100_000)]
+    replay_max: u64,
     /// Largest accepted publish body, in bytes.
     #[arg(long, env = "CHANGEGATE_MAX_BODY", default_value_t = 256 * 1024)]
     max_body: usize,
@@ -315,6 +319,7 @@ async fn serve(args: Serve, database_url: Option<String>) -> anyhow::Result<()> 
         flags_heartbeat: [args.heartbeat_flags_a, args.heartbeat_flags_b, args.heartbeat_flags_c],
         cors_origins: args.cors_origins.clone(),
         metrics_tenants: args.metrics_tenants,
+        replay_max: args.replay_max,
     };
     let jwt = args.jwt_secret.as_deref().map(|s| JwtVerifier::new(s.as_bytes()));
     let hub = HubConfig { buffer: args.buffer, grace: args.grace };

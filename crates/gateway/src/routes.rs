@@ -12,8 +12,9 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use changegate_core::auth::Action;
-use changegate_core::memory::Replay;
-use changegate_core::{CollectionName, Feed, FeedKey, Filter, Position, Topic, TopicPattern};
+use changegate_core::{
+    CollectionName, Feed, FeedKey, Filter, PAGE, Position, Replay, Start, Topic, TopicPattern,
+};
 use changegate_mongo::ResumeToken;
 use changegate_mongo::source::{CatchUp, MongoSource};
 use serde::Deserialize;
@@ -43,6 +44,8 @@ pub struct Limits {
     pub cors_origins: Vec<String>,
     /// Label stream metrics with the tenant (opt-in: one series per tenant).
     pub metrics_tenants: bool,
+    /// Longest catch-up served: a client further behind gets `reset` instead.
+    pub replay_max: u64,
 }
 
 /// Shared state of every route.
@@ -407,7 +410,7 @@ pub async fn open_stream(
     key: FeedKey,
     filter: Filter,
     resume: Option<Resume>,
-    mut wire: sse::Wire,
+    wire: sse::Wire,
     heartbeat: Duration,
 ) -> Result<Response, ApiError> {
     let mongo = match (&key.feed, &app.mongo) {
@@ -426,52 +429,53 @@ pub async fn open_stream(
         hub.subscribe(key.clone(), filter.clone()).await.map_err(|e| ApiError::Unavailable(e.to_string()))?;
     let mut prelude = vec![sse::hello(app.limits.retry)];
     let mut after = None;
+    let mut backlog = None;
     let mut labels = vec![("route", wire.route().to_owned())];
     if app.limits.metrics_tenants {
         labels.push(("tenant", key.tenant.to_string()));
     }
-    let mut replayed = |frames: Vec<Arc<changegate_core::Frame>>, from: Option<Position>| {
-        metrics::counter!("changegate_replayed_events_total", &labels).increment(frames.len() as u64);
-        prelude.extend(frames.iter().map(|f| wire.encode(f)).filter(|b| !b.is_empty()));
-        frames.last().map(|f| f.position()).or(from)
-    };
+    let cap = app.limits.replay_max;
+    let expired = || sse::message(None, Some("reset"), r#"{"reason":"position-expired"}"#);
     match resume {
         None => {}
         // A MongoDB change stream is its own log: catch up from the token with a stream of
         // its own; live events up to the last caught-up one are then skipped.
-        Some(Resume::Token(token)) => match mongo.as_ref().map(|m| m.catch_up(&key, &token)) {
-            Some(catch_up) => match catch_up.await.map_err(|e| ApiError::Unavailable(e.to_string()))? {
-                CatchUp::Events(frames) => after = replayed(frames, None),
-                CatchUp::Lost => {
-                    metrics::counter!("changegate_resets_total", &labels).increment(1);
-                    prelude.push(sse::message(None, Some("reset"), r#"{"reason":"position-expired"}"#));
-                }
-            },
+        Some(Resume::Token(token)) => match mongo.as_ref() {
+            Some(mongo) => {
+                let pages = mongo.catch_up(&key, &token, cap).await.map_err(|e| {
+                    tracing::warn!(tenant = %key.tenant, error = %e, "MongoDB catch-up failed");
+                    ApiError::Unavailable("MongoDB is unavailable; try again".into())
+                })?;
+                backlog = Some(mongo_backlog(pages));
+            }
             None => return Err(invalid_last_event_id()),
         },
         Some(Resume::After(_)) if mongo.is_some() => {
             // Not a token: nothing to resume from on a MongoDB collection.
             metrics::counter!("changegate_resets_total", &labels).increment(1);
-            prelude.push(sse::message(None, Some("reset"), r#"{"reason":"position-expired"}"#));
+            prelude.push(expired());
         }
-        Some(Resume::After(position)) => match app.engine.replay(&key, &filter, position).await? {
-            Replay::Events(frames) => after = replayed(frames, Some(position)),
-            Replay::Reset => {
+        Some(Resume::After(position)) => {
+            if app.engine.backlog_exceeds(&key, position, cap).await? {
                 metrics::counter!("changegate_resets_total", &labels).increment(1);
                 let head = app.engine.head(&key).await?;
                 prelude.push(sse::reset(head));
                 after = Some(head);
+            } else {
+                after = Some(position);
+                backlog = Some(logged_backlog(app, &key, &filter, Start::After(position)));
             }
-        },
+        }
         Some(Resume::Since(ms)) => {
-            let frames = app.engine.replay_since(&key, &filter, ms).await?;
-            after = replayed(frames, None);
+            let since = changegate_core::Timestamp::from_millis(ms);
+            backlog = Some(logged_backlog(app, &key, &filter, Start::Since(since)));
         }
     }
     let tenant = key.tenant.clone();
     Ok(for_tenant(
         sse::response(sse::Connection {
             prelude,
+            backlog,
             subscription,
             after,
             heartbeat,
@@ -483,6 +487,43 @@ pub async fn open_stream(
         }),
         &tenant,
     ))
+}
+
+/// The catch-up of a logged feed (memory or PostgreSQL), one keyset page at a time.
+fn logged_backlog(app: &AppState, key: &FeedKey, filter: &Filter, start: Start) -> sse::Backlog {
+    let (engine, key, filter) = (app.engine.clone(), key.clone(), filter.clone());
+    Box::pin(futures_util::stream::unfold(Some(start), move |start| {
+        let (engine, key, filter) = (engine.clone(), key.clone(), filter.clone());
+        async move {
+            let caught = match engine.replay(&key, &filter, start?, PAGE).await {
+                Ok(Replay::Page { frames, next }) => {
+                    return Some((sse::Caught::Page(frames), next.map(Start::After)));
+                }
+                // Retention passed the client (before or during its catch-up).
+                Ok(Replay::Reset) => match engine.head(&key).await {
+                    Ok(head) => sse::Caught::Reset { bytes: sse::reset(head), after: Some(head) },
+                    Err(_) => sse::Caught::Failed,
+                },
+                Err(_) => sse::Caught::Failed,
+            };
+            Some((caught, None))
+        }
+    }))
+}
+
+/// A MongoDB catch-up as the stream writer reads it.
+fn mongo_backlog(pages: changegate_mongo::source::CatchUpStream) -> sse::Backlog {
+    Box::pin(futures_util::StreamExt::map(pages, |page| match page {
+        Ok(CatchUp::Events(frames)) => sse::Caught::Page(frames),
+        Ok(CatchUp::Lost) => sse::Caught::Reset {
+            bytes: sse::message(None, Some("reset"), r#"{"reason":"position-expired"}"#),
+            after: None,
+        },
+        Err(error) => {
+            tracing::warn!(%error, "MongoDB catch-up failed mid-way; the client resumes");
+            sse::Caught::Failed
+        }
+    }))
 }
 
 #[derive(Deserialize)]

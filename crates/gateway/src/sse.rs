@@ -1,9 +1,10 @@
 //! Server-Sent Events: the realtime dialect's framing and the per-connection stream.
 //!
 //! An event is encoded once (see [`Frame::encoded`]) and the same bytes go to every subscriber.
-//! A connection's stream is: `retry:` → optional `reset` → replayed events → live events, with
-//! heartbeat comments in between. A live event at or before the last replayed position is
-//! skipped, which makes the replay/live seam exact.
+//! A connection's stream is: `retry:` → optional `reset` → the catch-up ([`Backlog`], read one
+//! page at a time and written before the next is read) → live events, with heartbeat comments
+//! in between. A live event at or before the last caught-up position is skipped, which makes
+//! the catch-up/live seam exact.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -83,13 +84,37 @@ const HEARTBEAT: &[u8] = b": heartbeat\n\n";
 /// Most events written in one chunk when several are waiting: fewer, larger writes.
 const COALESCE: usize = 64;
 
+/// One step of a catch-up, as a source reads it.
+#[derive(Debug)]
+pub enum Caught {
+    /// The next page of events, in order.
+    Page(Vec<Arc<Frame>>),
+    /// The catch-up cannot continue without a gap: send `bytes` (a `reset` event), then go
+    /// live, skipping live events up to `after` (`None`: skip nothing).
+    Reset {
+        /// The encoded `reset`.
+        bytes: Bytes,
+        /// Where the client continues.
+        after: Option<Position>,
+    },
+    /// The source failed mid-way: the connection ends with a `retry:` hint, and the client
+    /// resumes from the last id it received.
+    Failed,
+}
+
+/// A catch-up: pages pulled only as fast as the socket takes them, so a client resuming from
+/// far back costs one page of memory, not its whole history.
+pub type Backlog = Pin<Box<dyn futures_util::Stream<Item = Caught> + Send>>;
+
 /// Everything a live SSE connection needs.
 pub struct Connection {
-    /// Sent first, in order: `retry:`, a `reset` if any, the replayed events.
+    /// Sent first, in order: `retry:`, a `reset` if any.
     pub prelude: Vec<Bytes>,
+    /// The catch-up, sent after the prelude and before live events.
+    pub backlog: Option<Backlog>,
     /// The live events.
     pub subscription: Subscription,
-    /// The last position already in the prelude: live events up to it are duplicates.
+    /// Where the client already is: live events up to it are duplicates.
     pub after: Option<Position>,
     /// Comment interval.
     pub heartbeat: Duration,
@@ -173,6 +198,7 @@ enum Step {
 
 struct State {
     prelude: std::vec::IntoIter<Bytes>,
+    backlog: Option<Backlog>,
     subscription: Subscription,
     after: Option<u64>,
     heartbeat: tokio::time::Interval,
@@ -213,6 +239,41 @@ impl State {
     async fn next(&mut self) -> Step {
         if let Some(bytes) = self.prelude.next() {
             return Step::Send(bytes);
+        }
+        while let Some(backlog) = &mut self.backlog {
+            let caught = tokio::select! {
+                biased;
+                () = &mut self.closing => return Step::Finish(retry(self.retry)),
+                caught = futures_util::StreamExt::next(backlog) => caught,
+            };
+            match caught {
+                Some(Caught::Page(frames)) => {
+                    metrics::counter!("changegate_replayed_events_total", &self.labels)
+                        .increment(frames.len() as u64);
+                    let mut out = BytesMut::new();
+                    for frame in &frames {
+                        if self.fresh(frame) {
+                            let bytes = self.wire.encode(frame);
+                            if matches!(self.wire, Wire::Ofrep) && !bytes.is_empty() {
+                                // A refetch notice covers everything before it.
+                                out.clear();
+                            }
+                            out.extend_from_slice(&bytes);
+                        }
+                    }
+                    if !out.is_empty() {
+                        return Step::Send(out.freeze());
+                    }
+                }
+                Some(Caught::Reset { bytes, after }) => {
+                    metrics::counter!("changegate_resets_total", &self.labels).increment(1);
+                    self.backlog = None;
+                    self.after = after.map(Position::seq);
+                    return Step::Send(bytes);
+                }
+                Some(Caught::Failed) => return Step::Finish(retry(self.retry)),
+                None => self.backlog = None,
+            }
         }
         loop {
             tokio::select! {
@@ -277,13 +338,14 @@ fn lagged(after: Duration) -> Bytes {
 
 /// The streaming response for a connection.
 pub fn response(connection: Connection) -> Response {
-    let Connection { prelude, subscription, after, heartbeat, retry, closing, wire, labels, tenant } =
+    let Connection { prelude, backlog, subscription, after, heartbeat, retry, closing, wire, labels, tenant } =
         connection;
     metrics::gauge!("changegate_streams_open", &labels).increment(1.0);
     let mut ticker = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let state = State {
         prelude: prelude.into_iter(),
+        backlog,
         subscription,
         after: after.map(Position::seq),
         heartbeat: ticker,

@@ -46,14 +46,18 @@ pub struct MongoConfig {
     pub pool: u32,
 }
 
-/// What a resuming subscriber gets before live events.
+/// One step of a resuming subscriber's catch-up.
 #[derive(Debug)]
 pub enum CatchUp {
-    /// Every change after its token (possibly none), in order.
+    /// The next changes after its token (at most [`changegate_core::PAGE`]), in order.
     Events(Vec<Arc<Frame>>),
-    /// The token fell off the oplog: refetch.
+    /// The token fell off the oplog, or the catch-up grew past its cap: refetch.
     Lost,
 }
+
+/// A catch-up read page by page from its own change stream; ends when caught up.
+pub type CatchUpStream =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<CatchUp, MongoError>> + Send>>;
 
 struct Shared {
     database: Database,
@@ -129,28 +133,92 @@ impl MongoSource {
     }
 
     /// The changes of `key` after `token` that are already in the oplog, read with a change
-    /// stream of its own (`resumeAfter`), until it has nothing more to say.
-    pub async fn catch_up(&self, key: &FeedKey, token: &ResumeToken) -> Result<CatchUp, MongoError> {
-        let Feed::Collection { name, .. } = &key.feed else { return Ok(CatchUp::Events(Vec::new())) };
-        let mut stream = match self.shared.open_stream(&key.tenant, name, Some(token)).await {
+    /// stream of its own (`resumeAfter`) until it has nothing more to say — in pages, pulled as
+    /// the subscriber's socket takes them. The stream is opened here (so a MongoDB that cannot
+    /// be reached is an error before the response); more than `cap` changes end it with
+    /// [`CatchUp::Lost`].
+    pub async fn catch_up(
+        &self,
+        key: &FeedKey,
+        token: &ResumeToken,
+        cap: u64,
+    ) -> Result<CatchUpStream, MongoError> {
+        let Feed::Collection { name, .. } = &key.feed else {
+            return Ok(Box::pin(futures_util::stream::empty()));
+        };
+        let stream = match self.shared.open_stream(&key.tenant, name, Some(token)).await {
             Ok(stream) => stream,
-            Err(error) if history_lost(&error) => return Ok(CatchUp::Lost),
+            Err(error) if history_lost(&error) => {
+                return Ok(Box::pin(futures_util::stream::once(async { Ok(CatchUp::Lost) })));
+            }
             Err(error) => return Err(driver_error("resuming a change stream", &error)),
         };
+        let reading = Reading {
+            shared: self.shared.clone(),
+            tenant: key.tenant.clone(),
+            name: name.clone(),
+            stream,
+            order: OplogOrder::default(),
+            left: cap,
+            done: false,
+        };
+        Ok(Box::pin(futures_util::stream::unfold(Some(reading), |reading| async move {
+            let mut reading = reading?;
+            match reading.page().await {
+                Ok(Some(page)) => Some((Ok(page), Some(reading))),
+                Ok(None) => None,
+                Err(error) => Some((Err(error), None)),
+            }
+        })))
+    }
+}
+
+/// A catch-up change stream being read.
+struct Reading {
+    shared: Arc<Shared>,
+    tenant: TenantId,
+    name: CollectionName,
+    stream: ChangeStream<Document>,
+    order: OplogOrder,
+    /// How many more changes the cap allows.
+    left: u64,
+    /// The last page was handed out.
+    done: bool,
+}
+
+impl Reading {
+    /// The next page; `None` once the last one was sent (caught up, or lost).
+    async fn page(&mut self) -> Result<Option<CatchUp>, MongoError> {
+        if self.done {
+            return Ok(None);
+        }
         let mut frames = Vec::new();
-        let mut order = OplogOrder::default();
         loop {
-            match stream.next_if_any().await {
+            match self.stream.next_if_any().await {
                 Ok(Some(event)) => {
-                    if let Some(frame) = self.shared.frame(&key.tenant, name, &event, &mut order)? {
-                        frames.push(frame);
+                    let Some(frame) = self.shared.frame(&self.tenant, &self.name, &event, &mut self.order)?
+                    else {
+                        continue;
+                    };
+                    if self.left == 0 {
+                        return Ok(Some(self.finish(CatchUp::Lost)));
+                    }
+                    self.left -= 1;
+                    frames.push(frame);
+                    if frames.len() >= changegate_core::PAGE {
+                        return Ok(Some(CatchUp::Events(frames)));
                     }
                 }
-                Ok(None) => return Ok(CatchUp::Events(frames)),
-                Err(error) if history_lost(&error) => return Ok(CatchUp::Lost),
+                Ok(None) => return Ok(Some(self.finish(CatchUp::Events(frames)))),
+                Err(error) if history_lost(&error) => return Ok(Some(self.finish(CatchUp::Lost))),
                 Err(error) => return Err(driver_error("resuming a change stream", &error)),
             }
         }
+    }
+
+    fn finish(&mut self, last: CatchUp) -> CatchUp {
+        self.done = true;
+        last
     }
 }
 

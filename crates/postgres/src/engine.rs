@@ -4,7 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use changegate_core::{Epoch, FeedKey, Filter, Frame, Hub, HubConfig, Position, Replay, TenantId, Topic};
+use changegate_core::{
+    Epoch, FeedKey, Filter, Frame, Hub, HubConfig, Position, Replay, Start, TenantId, Topic,
+};
 use serde_json::Value;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -93,31 +95,49 @@ impl PgEngine {
         Ok(Position::new(self.epoch, seq))
     }
 
-    /// What a subscriber resuming after `after` must receive before live events.
-    pub async fn replay(&self, key: &FeedKey, filter: &Filter, after: Position) -> Result<Replay, PgError> {
-        if after.epoch() != self.epoch {
-            return Ok(Replay::Reset);
-        }
-        let name = channel(key);
-        let (pruned_through, issued) = self.store.replay_bounds(&name).await?;
-        if after.seq() < pruned_through || after.seq() > issued {
-            return Ok(Replay::Reset);
-        }
-        let events = self.store.replay(&name, &key.tenant, after.seq(), self.epoch).await?;
-        Ok(Replay::Events(
-            events.into_iter().filter(|e| filter.matches(e)).map(|e| Arc::new(Frame::new(e))).collect(),
-        ))
-    }
-
-    /// The retained events of `key` committed at or after `since_ms` (epoch milliseconds).
-    pub async fn replay_since(
+    /// One page of `key`'s committed events from `start` that match `filter`, reading at
+    /// most `limit` rows; [`Replay::Reset`] when the start is from another database, in the
+    /// future, or behind the channel's retention horizon (checked again for every page, so a
+    /// prune during a slow catch-up is a reset, never a gap).
+    pub async fn replay(
         &self,
         key: &FeedKey,
         filter: &Filter,
-        since_ms: u64,
-    ) -> Result<Vec<Arc<Frame>>, PgError> {
-        let events = self.store.replay_since(&channel(key), &key.tenant, since_ms, self.epoch).await?;
-        Ok(events.into_iter().filter(|e| filter.matches(e)).map(|e| Arc::new(Frame::new(e))).collect())
+        start: Start,
+        limit: usize,
+    ) -> Result<Replay, PgError> {
+        let name = channel(key);
+        let limit = limit.max(1);
+        let events = match start {
+            Start::After(after) => {
+                if after.epoch() != self.epoch {
+                    return Ok(Replay::Reset);
+                }
+                let (pruned_through, issued) = self.store.replay_bounds(&name).await?;
+                if after.seq() < pruned_through || after.seq() > issued {
+                    return Ok(Replay::Reset);
+                }
+                self.store.replay(&name, &key.tenant, after.seq(), limit, self.epoch).await?
+            }
+            Start::Since(at) => {
+                self.store.replay_since(&name, &key.tenant, at.as_millis(), limit, self.epoch).await?
+            }
+        };
+        let next = (events.len() == limit).then(|| events.last().map(|e| e.position)).flatten();
+        let frames =
+            events.into_iter().filter(|e| filter.matches(e)).map(|e| Arc::new(Frame::new(e))).collect();
+        Ok(Replay::Page { frames, next })
+    }
+
+    /// Whether more than `cap` events of `key` follow `after`.
+    pub async fn backlog_exceeds(&self, key: &FeedKey, after: Position, cap: u64) -> Result<bool, PgError> {
+        // Sequence numbers are shared by every channel, so the distance to the last one issued
+        // bounds the channel's backlog: only count rows when that bound is over the cap.
+        let (_, issued) = self.store.replay_bounds(&channel(key)).await?;
+        if issued.saturating_sub(after.seq()) <= cap {
+            return Ok(false);
+        }
+        self.store.backlog_exceeds(&channel(key), after.seq(), cap).await
     }
 
     /// Where a client continues after a `reset` on `key`.

@@ -246,15 +246,23 @@ impl Listener {
         }
         let names: Vec<String> = self.channels.keys().cloned().collect();
         for name in names {
-            let Some(listened) = self.channels.get(&name) else { continue };
-            let events = self
-                .store
-                .replay(&name, &listened.key.tenant, listened.resume_from(), self.epoch)
-                .await
-                .map_err(|e| e.to_string())?;
-            let replayed = events.len();
-            for event in events {
-                self.dispatch(&name, event);
+            // In pages: a long outage must not become one huge read into memory.
+            let mut replayed = 0;
+            while let Some(listened) = self.channels.get(&name) {
+                let (tenant, from) = (listened.key.tenant.clone(), listened.resume_from());
+                let events = self
+                    .store
+                    .replay(&name, &tenant, from, changegate_core::PAGE, self.epoch)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let full = events.len() == changegate_core::PAGE;
+                replayed += events.len();
+                for event in events {
+                    self.dispatch(&name, event);
+                }
+                if !full {
+                    break;
+                }
             }
             if replayed > 0 {
                 tracing::info!(replayed, "delivered changes committed while LISTEN was down");

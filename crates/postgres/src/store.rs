@@ -518,49 +518,79 @@ impl Store {
         Ok((get(0), get(1)))
     }
 
-    /// Every committed event of `channel` (and `tenant`) after `after`, in order.
+    /// At most `limit` committed events of `channel` (and `tenant`) after sequence `after`,
+    /// in order: one keyset page of a catch-up.
     pub async fn replay(
         &self,
         channel: &str,
         tenant: &TenantId,
         after: u64,
+        limit: usize,
         epoch: Epoch,
     ) -> Result<Vec<Event>, PgError> {
         let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = self
             .client()
             .await?
             .query(
-                "select realtime.row_json(o) from realtime.outbox o
-                 where channel = $1 and tenant = $2 and seq > $3 order by seq",
-                &[&channel, &tenant.as_str(), &after],
+                // The JSON is built for the page's rows only, whatever plan finds them.
+                "select realtime.row_json(o) from (
+                     select * from realtime.outbox
+                     where channel = $1 and tenant = $2 and seq > $3 order by seq limit $4
+                 ) o order by o.seq",
+                &[&channel, &tenant.as_str(), &after, &limit],
             )
             .await
             .map_err(PgError::query(format!("replaying for tenant {tenant}")))?;
         rows.iter().map(|r| event::row(r.get(0), epoch)).collect()
     }
 
-    /// Every committed event of `channel` (and `tenant`) at or after `since_ms`, in order.
+    /// At most `limit` committed events of `channel` (and `tenant`) committed at or after
+    /// `since_ms`, in order: the first page of a time-based catch-up (later pages go by
+    /// sequence, see [`Store::replay`]).
     pub async fn replay_since(
         &self,
         channel: &str,
         tenant: &TenantId,
         since_ms: u64,
+        limit: usize,
         epoch: Epoch,
     ) -> Result<Vec<Event>, PgError> {
         let since = since_ms as f64 / 1000.0;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = self
             .client()
             .await?
             .query(
-                "select realtime.row_json(o) from realtime.outbox o
-                 where channel = $1 and tenant = $2 and seq is not null
-                   and committed_at >= to_timestamp($3) order by seq",
-                &[&channel, &tenant.as_str(), &since],
+                "select realtime.row_json(o) from (
+                     select * from realtime.outbox
+                     where channel = $1 and tenant = $2 and seq is not null
+                       and committed_at >= to_timestamp($3) order by seq limit $4
+                 ) o order by o.seq",
+                &[&channel, &tenant.as_str(), &since, &limit],
             )
             .await
             .map_err(PgError::query(format!("replaying for tenant {tenant}")))?;
         rows.iter().map(|r| event::row(r.get(0), epoch)).collect()
+    }
+
+    /// Whether more than `cap` committed events of `channel` follow sequence `after` (counts
+    /// at most `cap + 1` index entries).
+    pub async fn backlog_exceeds(&self, channel: &str, after: u64, cap: u64) -> Result<bool, PgError> {
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let probe = i64::try_from(cap.saturating_add(1)).unwrap_or(i64::MAX);
+        let row = self
+            .client()
+            .await?
+            .query_one(
+                "select count(*) from (select 1 from realtime.outbox
+                                       where channel = $1 and seq > $2 limit $3) backlog",
+                &[&channel, &after, &probe],
+            )
+            .await
+            .map_err(PgError::query("measuring a catch-up"))?;
+        Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(u64::MAX) > cap)
     }
 
     /// One event by position (for changes too big for a NOTIFY payload).
