@@ -114,6 +114,25 @@ async fn privileged_credentials_are_refused_in_the_query_string_even_when_unknow
     }
 }
 
+/// URLs end up in proxy logs: a privileged key or a JWT in one is refused even when a header
+/// carries a valid read-only key (the header would otherwise win).
+#[tokio::test]
+async fn a_privileged_query_credential_is_refused_even_beside_a_valid_header() {
+    let (gw, keys) = gateway().await;
+    let token = jwt(&json!({"tenant": "a", "exp": now() + 60}), SECRET);
+    for credential in [&keys.a_service, &keys.a_publish, &token] {
+        for header in ["apikey", "x-api-key", "authorization"] {
+            let value = if header == "authorization" {
+                format!("Bearer {}", keys.a_anon)
+            } else {
+                keys.a_anon.clone()
+            };
+            let (status, body) = refusal(&gw, &format!("&apikey={credential}"), &[(header, &value)]).await;
+            assert_eq!((status, code(&body)), (401, "credential_in_query"), "{header}: {body}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn publish_refuses_a_key_in_the_query_string() {
     let (gw, keys) = gateway().await;

@@ -36,11 +36,39 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, Api
     }
 }
 
+/// The query-string policy, applied whether or not a header also carries a credential: a URL
+/// ends up in proxy and browser logs, so a privileged key or a JWT in one is refused even when
+/// the header would have won.
+fn check_query(query: Option<&str>, query_key: QueryKey) -> Result<(), ApiError> {
+    let Some(text) = query.map(str::trim) else { return Ok(()) };
+    if query_key == QueryKey::Refused {
+        return Err(ApiError::CredentialInQuery("a credential on this route"));
+    }
+    if looks_like_jwt(text) {
+        return Err(ApiError::CredentialInQuery("a JWT"));
+    }
+    // Judged on the scope written in the key, before any lookup: the answer reveals nothing
+    // about whether the key exists. (Anything else malformed is left to the normal path, where
+    // a header wins over it.)
+    match ApiKey::parse(text) {
+        Ok(key) if !key.scope().is_read_only() => {
+            Err(ApiError::CredentialInQuery(privileged_name(key.scope())))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Three dot-separated base64url segments, the first a JSON object (`eyJ…`).
+fn looks_like_jwt(text: &str) -> bool {
+    text.starts_with("eyJ") && text.split('.').count() == 3
+}
+
 fn presented<'a>(
     headers: &'a HeaderMap,
     query: Option<&'a str>,
     query_key: QueryKey,
 ) -> Result<Presented<'a>, ApiError> {
+    check_query(query, query_key)?;
     if let Some(authorization) = header(headers, AUTHORIZATION.as_str())? {
         let (scheme, value) = authorization.split_once(' ').unwrap_or((authorization, ""));
         if !scheme.eq_ignore_ascii_case("bearer") || value.trim().is_empty() {
