@@ -13,10 +13,10 @@ pub mod jwt;
 pub mod keys;
 pub mod ofrep;
 pub mod routes;
+pub mod server;
 pub mod sse;
 pub mod stall;
 
-use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,7 +27,12 @@ pub use routes::{AppState, Limits};
 
 /// Runs the server on `listener` until `closing` is cancelled, then ends every stream with a
 /// `retry:` hint and waits up to `drain` for connections to finish.
-pub async fn run(listener: stall::StallGuard, state: AppState, drain: Duration) -> std::io::Result<()> {
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    limits: server::ConnectionLimits,
+    drain: Duration,
+) -> std::io::Result<()> {
     let closing = state.closing.clone();
     if let Some(mut revoked) = state.engine.revocations() {
         let revocations = state.revocations.clone();
@@ -54,12 +59,10 @@ pub async fn run(listener: stall::StallGuard, state: AppState, drain: Duration) 
             }
         });
     }
-    let server = axum::serve(listener, routes::router(state))
-        .with_graceful_shutdown(closing.clone().cancelled_owned())
-        .into_future();
+    let server = server::serve(listener, routes::router(state), limits, closing.clone());
     tokio::pin!(server);
     tokio::select! {
-        result = &mut server => result,
+        () = &mut server => Ok(()),
         () = async { closing.cancelled().await; tokio::time::sleep(drain).await } => {
             tracing::warn!("connections did not drain within {drain:?}; exiting anyway");
             Ok(())

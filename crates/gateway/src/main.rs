@@ -216,6 +216,17 @@ struct Serve {
     /// A write blocked this long closes its connection (a peer that stopped reading, or vanished).
     #[arg(long, env = "CHANGEGATE_WRITE_TIMEOUT", default_value = "30s", value_parser = duration)]
     write_timeout: Duration,
+    /// Time a connection has to send a complete request head, from when it is accepted and again
+    /// after each response on a kept-alive connection (so also the keep-alive idle timeout).
+    #[arg(long, env = "CHANGEGATE_HEADER_TIMEOUT", default_value = "10s", value_parser = duration)]
+    header_timeout: Duration,
+    /// Connections served at once (default: the open-file limit minus headroom); past it, new
+    /// connections get `503` + `Retry-After`, except for `/healthz`, `/readyz` and `/metrics`.
+    #[arg(long, env = "CHANGEGATE_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Connections accepted beyond `--max-connections` for `/healthz`, `/readyz`, `/metrics`.
+    #[arg(long, env = "CHANGEGATE_RESERVED_CONNECTIONS", default_value_t = 64)]
+    reserved_connections: usize,
     /// How long shutdown waits for streams to drain.
     #[arg(long, env = "CHANGEGATE_DRAIN", default_value = "5s", value_parser = duration)]
     drain: Duration,
@@ -374,9 +385,28 @@ async fn serve(args: Serve, database_url: Option<String>) -> anyhow::Result<()> 
         println!("try: curl -N 'http://{address}/v1/events/subscribe?topic=*&apikey=<the anon key above>'");
     }
 
+    let open_files = changegate::server::open_file_limit();
+    let max_connections = args.max_connections.unwrap_or_else(|| {
+        changegate::server::ConnectionLimits::default_cap(
+            open_files.unwrap_or(1024),
+            args.reserved_connections,
+        )
+    });
+    tracing::info!(
+        open_files = open_files.map_or_else(|| "unknown".to_owned(), |n| n.to_string()),
+        max_connections,
+        reserved = args.reserved_connections,
+        header_timeout = ?args.header_timeout,
+        "connection limits"
+    );
+    let limits = changegate::server::ConnectionLimits {
+        header_timeout: args.header_timeout,
+        max_connections,
+        reserved: args.reserved_connections,
+        write_timeout: args.write_timeout,
+    };
     let closing = state.closing.clone();
-    let listener = changegate::stall::StallGuard::new(listener, args.write_timeout);
-    let server = changegate::run(listener, state, args.drain);
+    let server = changegate::run(listener, state, limits, args.drain);
     let signal = async {
         stop.await;
         tracing::info!("shutting down: ending streams");

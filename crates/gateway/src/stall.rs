@@ -8,43 +8,13 @@
 //! buffer of a peer that vanished without a FIN, and the next blocked write times out.
 
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::serve::Listener;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
-
-/// A listener whose connections time out when writes stay blocked.
-#[derive(Debug)]
-pub struct StallGuard {
-    inner: TcpListener,
-    timeout: Duration,
-}
-
-impl StallGuard {
-    /// Wraps `inner`; a write blocked for `timeout` closes its connection.
-    pub fn new(inner: TcpListener, timeout: Duration) -> Self {
-        Self { inner, timeout }
-    }
-}
-
-impl Listener for StallGuard {
-    type Io = Guarded;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        let (stream, address) = Listener::accept(&mut self.inner).await;
-        (Guarded { stream, timeout: self.timeout, blocked: None }, address)
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        Listener::local_addr(&self.inner)
-    }
-}
 
 /// A socket that fails a write blocked for longer than its timeout.
 #[derive(Debug)]
@@ -56,6 +26,11 @@ pub struct Guarded {
 }
 
 impl Guarded {
+    /// Wraps an accepted socket.
+    pub fn new(stream: TcpStream, timeout: Duration) -> Self {
+        Self { stream, timeout, blocked: None }
+    }
+
     fn guard<T>(&mut self, cx: &mut Context<'_>, result: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
         if result.is_ready() {
             self.blocked = None;
