@@ -590,6 +590,12 @@ impl Browser {
         self.command(serde_json::json!({ "html": html })).await;
     }
 
+    /// Serves `directory` and `page` (as `/page.html`) from a new origin; returns its base URL.
+    pub async fn serve(&mut self, directory: &std::path::Path, page: &str) -> String {
+        let base = self.command(serde_json::json!({ "serve": directory, "page": page })).await;
+        base.as_str().expect("the driver answers the base URL").to_owned()
+    }
+
     /// Evaluates a JavaScript expression in the page.
     pub async fn eval(&mut self, expression: &str) -> Value {
         self.command(serde_json::json!({ "eval": expression })).await

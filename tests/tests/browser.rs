@@ -2,7 +2,7 @@
 //! the URL, a page on another origin (CORS), and reconnection with `Last-Event-ID` after the
 //! gateway drops the connection.
 
-use changegate_e2e::{Browser, Gateway, TestDb};
+use changegate_e2e::{Browser, Gateway, TestDb, npm_project, test_key};
 use serde_json::{Value, json};
 
 fn page(stream_url: &str) -> String {
@@ -82,4 +82,72 @@ async fn the_console_renders_an_arriving_event_and_refuses_a_privileged_key() {
     let error = browser.wait_for("document.getElementById('error').textContent", |v| v != "").await;
     assert!(error.as_str().unwrap().contains("read-only key"), "{error}");
     assert_eq!(browser.eval("document.getElementById('state').textContent").await, "closed");
+}
+
+/// The published OpenFeature web provider (`@openfeature/ofrep-web-provider`) in a page on
+/// another origin: once it holds an ETag, each re-evaluation is a conditional bulk POST with
+/// `If-None-Match`, which the CORS preflight must allow — or the page never sees a change.
+#[tokio::test]
+async fn the_openfeature_web_provider_on_another_origin_sees_every_flag_change() {
+    let Some(mut browser) = Browser::start().await else { return };
+    let (sdk, service) = (test_key("sdk"), test_key("service"));
+    let keys = json!([
+        {"tenant": "acme", "scope": "sdk", "key": sdk, "environment": "production"},
+        {"tenant": "acme", "scope": "service", "key": service},
+    ]);
+    let gw = Gateway::with_keys(&keys, &[]).await;
+    let flags = gw.url("/v1/flags?environment=production");
+    let banner = json!({"key": "banner", "enabled": true, "defaultVariant": "summer",
+                        "variants": {"summer": "summer", "winter": "winter", "spring": "spring"}});
+    let created = gw.http.post(&flags).header("apikey", &service).json(&banner).send().await.unwrap();
+    assert_eq!(created.status(), 201);
+
+    let modules = "/node_modules/@openfeature";
+    let page = format!(
+        r#"<!doctype html>
+        <script>
+          window.errors = [];
+          addEventListener("error", (e) => window.errors.push(String(e.message)));
+          addEventListener("unhandledrejection", (e) => window.errors.push(String(e.reason)));
+        </script>
+        <script type="importmap">{{"imports": {{
+          "@openfeature/core": "{modules}/core/dist/esm/index.js",
+          "@openfeature/web-sdk": "{modules}/web-sdk/dist/esm/index.js",
+          "@openfeature/ofrep-core": "{modules}/ofrep-web-provider/node_modules/@openfeature/ofrep-core/index.esm.js",
+          "@openfeature/ofrep-web-provider": "{modules}/ofrep-web-provider/index.esm.js"
+        }}}}</script>
+        <script type="module">
+          import {{ OpenFeature, ProviderEvents }} from "@openfeature/web-sdk";
+          import {{ OFREPWebProvider }} from "@openfeature/ofrep-web-provider";
+          window.seen = []; window.failures = [];
+          await OpenFeature.setContext({{ targetingKey: "user-1" }});
+          const provider = new OFREPWebProvider({{ baseUrl: {base:?}, headers: [["X-API-Key", {sdk:?}]], pollInterval: 0 }});
+          await OpenFeature.setProviderAndWait(provider);
+          const client = OpenFeature.getClient();
+          window.seen.push(client.getStringValue("banner", "none"));
+          client.addHandler(ProviderEvents.ConfigurationChanged, () => window.seen.push(client.getStringValue("banner", "none")));
+          client.addHandler(ProviderEvents.Error, (e) => window.failures.push(String(e.message)));
+        </script>"#,
+        base = gw.base,
+    );
+    let origin = browser.serve(&npm_project("ofrep"), &page).await;
+    assert_ne!(origin, gw.base, "the page is on another origin");
+    browser.goto(&format!("{origin}/page.html")).await;
+    let started = browser
+        .wait_for("[window.seen && window.seen.length, window.errors]", |v| {
+            v[0] == 1 || v[1].as_array().is_some_and(|e| !e.is_empty())
+        })
+        .await;
+    assert_eq!(started, json!([1, []]), "the provider started");
+
+    let flag = gw.url("/v1/flags/banner?environment=production");
+    for (round, variant) in ["winter", "spring"].into_iter().enumerate() {
+        let patch = json!({"defaultVariant": variant});
+        let patched = gw.http.patch(&flag).header("apikey", &service).json(&patch).send().await.unwrap();
+        assert_eq!(patched.status(), 200);
+        let want = round + 2;
+        browser.wait_for("window.seen.length", |v| v.as_u64() == Some(want as u64)).await;
+    }
+    assert_eq!(browser.eval("window.seen").await, json!(["summer", "winter", "spring"]));
+    assert_eq!(browser.eval("window.failures").await, json!([]));
 }

@@ -131,6 +131,11 @@ fn cors(origins: &[String]) -> CorsLayer {
             header::CONTENT_TYPE,
             HeaderName::from_static("last-event-id"),
             header::IF_MATCH,
+            // The OpenFeature web provider re-evaluates conditionally once it holds an ETag.
+            header::IF_NONE_MATCH,
+            // EventSource polyfills send these.
+            header::CACHE_CONTROL,
+            HeaderName::from_static("x-requested-with"),
         ])
         .expose_headers([header::ETAG])
         .max_age(Duration::from_secs(600))
