@@ -213,6 +213,9 @@ struct Serve {
     /// Largest accepted publish body, in bytes.
     #[arg(long, env = "CHANGEGATE_MAX_BODY", default_value_t = 256 * 1024)]
     max_body: usize,
+    /// Largest accepted JSON body of the flag, segment, key and OFREP routes, in bytes.
+    #[arg(long, env = "CHANGEGATE_MAX_JSON_BODY", default_value_t = 1024 * 1024)]
+    max_json_body: usize,
     /// A write blocked this long closes its connection (a peer that stopped reading, or vanished).
     #[arg(long, env = "CHANGEGATE_WRITE_TIMEOUT", default_value = "30s", value_parser = duration)]
     write_timeout: Duration,
@@ -331,6 +334,7 @@ async fn serve(args: Serve, database_url: Option<String>) -> anyhow::Result<()> 
         cors_origins: args.cors_origins.clone(),
         metrics_tenants: args.metrics_tenants,
         replay_max: args.replay_max,
+        max_json_body: args.max_json_body,
     };
     let jwt = args.jwt_secret.as_deref().map(|s| JwtVerifier::new(s.as_bytes()));
     let hub = HubConfig { buffer: args.buffer, grace: args.grace };

@@ -46,6 +46,8 @@ pub struct Limits {
     pub metrics_tenants: bool,
     /// Longest catch-up served: a client further behind gets `reset` instead.
     pub replay_max: u64,
+    /// Largest accepted JSON body on every route but publish (flags, segments, OFREP), in bytes.
+    pub max_json_body: usize,
 }
 
 /// Shared state of every route.
@@ -211,12 +213,50 @@ async fn openapi() -> Response {
 /// The full router.
 pub fn router(state: AppState) -> Router {
     let cors = cors(&state.limits.cors_origins);
+    let max_json_body = state.limits.max_json_body;
     api()
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        // Publish reads its body itself, against `--max-body`; every other JSON body is held
+        // to this one (the framework's default would be 2 MB).
+        .layer(axum::extract::DefaultBodyLimit::max(state.limits.max_json_body))
+        .layer(middleware::from_fn(move |request, next| json_errors(request, next, max_json_body)))
         .layer(cors)
         .layer(middleware::from_fn(access_log))
         .with_state(state)
+}
+
+/// The one place framework rejections (a path parameter that is not UTF-8, a body over the
+/// limit, a missing or wrong content type, an unreadable body) become our error shape: every
+/// error response is `{"error":{"code","message"}}`, whoever produced it.
+async fn json_errors(request: Request, next: Next, max_json_body: usize) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    // The framework's texts are short and name the problem (never a credential).
+    let text = match axum::body::to_bytes(response.into_body(), 4096).await {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).trim().chars().take(300).collect::<String>(),
+        Err(_) => String::new(),
+    };
+    let error = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => return ApiError::PayloadTooLarge(max_json_body).into_response(),
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::UNPROCESSABLE_ENTITY => "invalid_json",
+        s if s.is_server_error() => "internal",
+        _ => "invalid_request",
+    };
+    let message =
+        if text.is_empty() { status.canonical_reason().unwrap_or("error").to_owned() } else { text };
+    (status, axum::Json(json!({"error": {"code": error, "message": message}}))).into_response()
 }
 
 /// One line per request: method, path (never the query string, which may hold a key), status,
