@@ -67,6 +67,17 @@ async fn access_logs_are_json_lines_with_route_status_tenant_and_duration_and_ne
     let sse = gw.sse(&format!("/v1/events/subscribe?topic=t&apikey={anon}"), &[]).await;
     gw.publish(gw.dev_key("publish"), "t", json!(1)).await;
     let _ = gw.try_sse(&format!("/v1/events/subscribe?topic=t&apikey={service}"), &[]).await;
+    // Flag, OFREP and flag-stream routes authenticate through other paths: logged all the same.
+    let flags = gw.http.get(gw.url("/v1/flags?environment=development")).header("apikey", &service);
+    assert_eq!(flags.send().await.unwrap().status(), 200);
+    let sdk = gw.dev_key("sdk").to_owned();
+    let ofrep = gw
+        .http
+        .post(gw.url("/ofrep/v1/evaluate/flags"))
+        .header("x-api-key", &sdk)
+        .json(&json!({"context": {}}));
+    assert_eq!(ofrep.send().await.unwrap().status(), 200);
+    drop(gw.sse(&format!("/api/v1/stream?apikey={sdk}"), &[]).await);
     drop(sse);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let logs = gw.logs();
@@ -84,15 +95,19 @@ async fn access_logs_are_json_lines_with_route_status_tenant_and_duration_and_ne
     assert!(subscribed["fields"]["ms"].is_u64());
     assert_eq!(find("/v1/events/publish", 202).expect("the publish is logged")["fields"]["tenant"], "dev");
     assert!(find("/v1/events/subscribe", 401).is_some(), "the refusal is logged");
+    for (path, status) in [("/v1/flags", 200), ("/ofrep/v1/evaluate/flags", 200), ("/api/v1/stream", 200)] {
+        let line = find(path, status).unwrap_or_else(|| panic!("{path} is logged"));
+        assert_eq!(line["fields"]["tenant"], "dev", "{path}: {line}");
+    }
     let closed = access
         .iter()
-        .find(|l| l["fields"]["message"] == "stream closed")
+        .find(|l| l["fields"]["message"] == "stream closed" && l["fields"]["route"] == "/v1/events/subscribe")
         .expect("the stream's end is logged");
     assert_eq!(
         (closed["fields"]["route"].as_str(), closed["fields"]["tenant"].as_str()),
         (Some("/v1/events/subscribe"), Some("dev"))
     );
-    for secret in [&anon, &service, gw.dev_key("publish")] {
+    for secret in [&anon, &service, &sdk, gw.dev_key("publish")] {
         assert!(!logs.contains(&secret[9..]), "a key leaked into the logs");
     }
 }

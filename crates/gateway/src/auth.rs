@@ -88,6 +88,24 @@ fn presented<'a>(
     }
 }
 
+tokio::task_local! {
+    /// The tenant the request being served authenticated as, for its access-log line.
+    static AUTHENTICATED: std::cell::RefCell<Option<changegate_core::TenantId>>;
+}
+
+/// Runs `request` (a handler, inside the access log) and says which tenant it authenticated
+/// as, however and wherever it did: [`authenticate`] notes it here.
+pub async fn logging_tenant<F: std::future::Future>(
+    request: F,
+) -> (F::Output, Option<changegate_core::TenantId>) {
+    AUTHENTICATED
+        .scope(std::cell::RefCell::new(None), async {
+            let output = request.await;
+            (output, AUTHENTICATED.with(|t| t.borrow_mut().take()))
+        })
+        .await
+}
+
 /// Authenticates a request and checks that it may perform `action`; failures are counted by
 /// reason.
 pub async fn authenticate(
@@ -99,8 +117,14 @@ pub async fn authenticate(
     action: Action,
 ) -> Result<Principal, ApiError> {
     let result = authenticate_inner(engine, jwt, headers, query, query_key, action).await;
-    if let Err(error) = &result {
-        metrics::counter!("changegate_auth_failures_total", "reason" => error.code()).increment(1);
+    match &result {
+        Err(error) => {
+            metrics::counter!("changegate_auth_failures_total", "reason" => error.code()).increment(1);
+        }
+        // Outside a request (a test calling this directly) there is no log line to fill.
+        Ok(principal) => {
+            let _ = AUTHENTICATED.try_with(|t| *t.borrow_mut() = Some(principal.tenant.clone()));
+        }
     }
     result
 }

@@ -260,30 +260,21 @@ async fn json_errors(request: Request, next: Next, max_json_body: usize) -> Resp
 }
 
 /// One line per request: method, path (never the query string, which may hold a key), status,
-/// and time to the response head.
+/// time to the response head, and the tenant the request authenticated as (`-` if none) —
+/// on every route, whichever way it authenticated (see [`crate::auth::logging_tenant`]).
 async fn access_log(request: Request, next: Next) -> Response {
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let started = Instant::now();
-    let response = next.run(request).await;
-    let tenant = response.extensions().get::<LoggedTenant>().map_or("-", |t| t.0.as_str());
+    let (response, tenant) = crate::auth::logging_tenant(next.run(request)).await;
     tracing::info!(
         target: "changegate::access",
         %method,
         path,
         status = response.status().as_u16(),
         ms = started.elapsed().as_millis() as u64,
-        tenant,
+        tenant = tenant.as_ref().map_or("-", |t| t.as_str()),
     );
-    response
-}
-
-/// The tenant a response was for, for the access log.
-#[derive(Clone, Debug)]
-pub struct LoggedTenant(pub changegate_core::TenantId);
-
-fn for_tenant(mut response: Response, tenant: &changegate_core::TenantId) -> Response {
-    response.extensions_mut().insert(LoggedTenant(tenant.clone()));
     response
 }
 
@@ -517,21 +508,18 @@ pub async fn open_stream(
         }
     }
     let tenant = key.tenant.clone();
-    Ok(for_tenant(
-        sse::response(sse::Connection {
-            prelude,
-            backlog,
-            subscription,
-            after,
-            heartbeat,
-            retry: app.limits.retry,
-            closing: app.revocations.token(principal.key_id.as_deref(), &app.closing),
-            wire,
-            labels,
-            tenant: tenant.clone(),
-        }),
-        &tenant,
-    ))
+    Ok(sse::response(sse::Connection {
+        prelude,
+        backlog,
+        subscription,
+        after,
+        heartbeat,
+        retry: app.limits.retry,
+        closing: app.revocations.token(principal.key_id.as_deref(), &app.closing),
+        wire,
+        labels,
+        tenant,
+    }))
 }
 
 /// The catch-up of a logged feed (memory or PostgreSQL), one keyset page at a time.
@@ -623,7 +611,7 @@ async fn publish(
     let position = app.engine.publish(&principal.tenant, topic, body.data).await?;
     metrics::histogram!("changegate_publish_seconds").record(started.elapsed().as_secs_f64());
     let response = (StatusCode::ACCEPTED, axum::Json(json!({ "id": position.to_string() }))).into_response();
-    Ok(for_tenant(response, &principal.tenant))
+    Ok(response)
 }
 
 #[cfg(test)]
