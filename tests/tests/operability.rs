@@ -59,6 +59,35 @@ async fn tenant_labels_are_opt_in() {
     assert_eq!(sample(&text, r#"changegate_streams_open{route="/v1/events/subscribe",tenant="dev"}"#), 1.0);
 }
 
+/// Tenant labels name tenants: `--metrics-token` keeps `/metrics` to whoever holds the token.
+#[tokio::test]
+async fn with_a_metrics_token_metrics_need_it() {
+    let gw = Gateway::start(&["--metrics-tenants", "--metrics-token", "s3cret-scrape"]).await;
+    let _sse = gw.sse(&format!("/v1/events/subscribe?topic=m&apikey={}", gw.dev_key("anon")), &[]).await;
+    for refused in [None, Some("Bearer wrong"), Some("s3cret-scrape"), Some("Bearer s3cret-scrap")] {
+        let mut request = gw.http.get(gw.url("/metrics"));
+        if let Some(value) = refused {
+            request = request.header("authorization", value);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 401, "{refused:?}");
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "invalid_token");
+        assert!(!body.to_string().contains("dev"));
+    }
+    let text = gw
+        .http
+        .get(gw.url("/metrics"))
+        .header("authorization", "Bearer s3cret-scrape")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(sample(&text, r#"changegate_streams_open{route="/v1/events/subscribe",tenant="dev"}"#), 1.0);
+}
+
 #[tokio::test]
 async fn access_logs_are_json_lines_with_route_status_tenant_and_duration_and_never_a_key() {
     let gw = Gateway::start_logging("json", &[]).await;

@@ -25,6 +25,9 @@ pub enum ApiError {
     /// An `Authorization` header that is not `Bearer <credential>`.
     #[error("the Authorization header must be `Bearer <key or JWT>`")]
     BadAuthorization,
+    /// `/metrics` without the configured metrics token.
+    #[error("/metrics needs `Authorization: Bearer <metrics token>` (see --metrics-token)")]
+    MetricsToken,
     /// A privileged credential in a URL.
     #[error(
         "{0} must not be sent in the query string, where URLs end up in logs; send it in the `apikey`, `X-API-Key` or `Authorization: Bearer` header"
@@ -89,6 +92,7 @@ impl ApiError {
             | Self::RevokedKey
             | Self::InvalidToken(_)
             | Self::BadAuthorization
+            | Self::MetricsToken
             | Self::CredentialInQuery(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
@@ -109,7 +113,7 @@ impl ApiError {
             Self::MissingCredentials(_) => "missing_credentials",
             Self::InvalidKey => "invalid_api_key",
             Self::RevokedKey => "revoked_api_key",
-            Self::InvalidToken(_) | Self::BadAuthorization => "invalid_token",
+            Self::InvalidToken(_) | Self::BadAuthorization | Self::MetricsToken => "invalid_token",
             Self::CredentialInQuery(_) => "credential_in_query",
             Self::Forbidden(_) => "forbidden",
             Self::BadRequest { code, .. } => code,

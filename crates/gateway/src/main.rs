@@ -177,8 +177,12 @@ struct Serve {
     #[arg(long, env = "CHANGEGATE_OFREP_RATE_LIMIT", default_value_t = 100)]
     ofrep_rate_limit: u32,
     /// Label stream metrics with the tenant (one series per tenant: mind the cardinality).
+    /// Tenant names are then visible to whoever reads `/metrics`: set `--metrics-token` too.
     #[arg(long, env = "CHANGEGATE_METRICS_TENANTS")]
     metrics_tenants: bool,
+    /// Require `Authorization: Bearer <token>` on `/metrics`.
+    #[arg(long, env = "CHANGEGATE_METRICS_TOKEN", hide_env_values = true)]
+    metrics_token: Option<String>,
     /// Reconnect delay announced to clients with `retry:`.
     #[arg(long, env = "CHANGEGATE_RETRY", default_value = "2s", value_parser = duration)]
     retry: Duration,
@@ -335,7 +339,11 @@ async fn serve(args: Serve, database_url: Option<String>) -> anyhow::Result<()> 
         metrics_tenants: args.metrics_tenants,
         replay_max: args.replay_max,
         max_json_body: args.max_json_body,
+        metrics_token: args.metrics_token.clone(),
     };
+    if args.metrics_tenants && args.metrics_token.is_none() {
+        tracing::warn!("--metrics-tenants without --metrics-token: /metrics lists tenant names to anyone");
+    }
     let jwt = args.jwt_secret.as_deref().map(|s| JwtVerifier::new(s.as_bytes()));
     let hub = HubConfig { buffer: args.buffer, grace: args.grace };
     let state = match database_url.as_deref() {

@@ -48,6 +48,8 @@ pub struct Limits {
     pub replay_max: u64,
     /// Largest accepted JSON body on every route but publish (flags, segments, OFREP), in bytes.
     pub max_json_body: usize,
+    /// When set, `/metrics` answers only `Authorization: Bearer <this token>`.
+    pub metrics_token: Option<String>,
 }
 
 /// Shared state of every route.
@@ -143,8 +145,21 @@ fn cors(origins: &[String]) -> CorsLayer {
         .max_age(Duration::from_secs(600))
 }
 
-/// Prometheus text exposition.
-async fn metrics_text(State(app): State<AppState>) -> Response {
+/// Prometheus text exposition; with `--metrics-token`, only for `Authorization: Bearer <token>`
+/// (compared in constant time).
+async fn metrics_text(State(app): State<AppState>, headers: HeaderMap) -> Response {
+    if let Some(token) = &app.limits.metrics_token {
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .unwrap_or_default();
+        let matches: bool =
+            subtle::ConstantTimeEq::ct_eq(presented.trim().as_bytes(), token.as_bytes()).into();
+        if !matches {
+            return ApiError::MetricsToken.into_response();
+        }
+    }
     match &app.metrics {
         Some(handle) => {
             handle.run_upkeep();
