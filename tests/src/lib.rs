@@ -722,8 +722,26 @@ impl Drop for MockMongo {
 }
 
 /// Says a test was skipped, on the real stderr: the test harness captures `eprintln!` of passing
-/// tests, and a skip must be visible in CI's log.
+/// tests, and a skip must be visible in CI's log. Under `CHANGEGATE_REQUIRE_ALL=1` (`.ci/run`
+/// sets it, after installing everything the suite needs) a skip is a failure: CI can never be
+/// green with a whole capability untested.
 pub fn skipped(why: &str) {
     use std::io::Write as _;
+    if std::env::var_os("CHANGEGATE_REQUIRE_ALL").is_some_and(|v| v == "1") {
+        panic!("a test would be skipped, and CHANGEGATE_REQUIRE_ALL=1 forbids it: {why}");
+    }
     let _ = writeln!(std::io::stderr().lock(), "SKIPPED: {why}");
+}
+
+/// The schemathesis command (`$SCHEMATHESIS`, else the repository's `.venv`, which `.ci/run`
+/// creates), or `None` after saying so.
+pub fn schemathesis() -> Option<PathBuf> {
+    let path = std::env::var_os("SCHEMATHESIS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/schemathesis"));
+    if path.exists() {
+        return Some(path);
+    }
+    skipped(&format!("no schemathesis at {}; `.ci/run` installs it in .venv", path.display()));
+    None
 }

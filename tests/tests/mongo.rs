@@ -361,18 +361,16 @@ async fn garbage_tokens_are_refused_and_mongo_needs_configuring() {
     }
 }
 
-/// Runs against a real replica set (MongoDB 6.0+) when `MONGODB_URL` is set, e.g. with
-/// `docker compose up -d mongo` and `MONGODB_URL=mongodb://127.0.0.1:27017/?directConnection=true`;
-/// otherwise it says so. A real server proves what the double cannot: real resume tokens, and
-/// pre-images actually recorded so that deletes are matched to their tenant.
+/// Runs against a real replica set (MongoDB 6.0+): `MONGODB_URL=… cargo test -- --ignored
+/// a_real_replica_set`, e.g. after `docker compose up -d mongo` with
+/// `MONGODB_URL=mongodb://127.0.0.1:27017/?directConnection=true`. Ignored — visibly, in every
+/// test summary — because no MongoDB server installs on the project's machines. A real server
+/// proves what the double cannot: real resume tokens, and pre-images actually recorded so that
+/// deletes are matched to their tenant.
 #[tokio::test]
+#[ignore = "needs MONGODB_URL: a real MongoDB replica set (none installs on the project's machines)"]
 async fn a_real_replica_set_streams_changes() {
-    let Ok(url) = std::env::var("MONGODB_URL") else {
-        changegate_e2e::skipped(
-            "a_real_replica_set_streams_changes needs MONGODB_URL (a replica set, e.g. docker compose up mongo)",
-        );
-        return;
-    };
+    let url = std::env::var("MONGODB_URL").expect("MONGODB_URL names a MongoDB replica set");
     let (acme, beta) = (test_key("anon"), test_key("anon"));
     let file = json!([{"tenant": "acme", "scope": "anon", "key": acme}, {"tenant": "beta", "scope": "anon", "key": beta}]);
     let database = format!("changegate_test_{}", std::process::id());

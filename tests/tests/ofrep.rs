@@ -118,6 +118,8 @@ async fn evaluation_errors_use_the_protocols_codes_and_statuses() {
         ("split", "{\"context\": {}}", 400, json!({"key": "split", "errorCode": "TARGETING_KEY_MISSING"})),
         ("static", "{not json", 400, json!({"key": "static", "errorCode": "PARSE_ERROR"})),
         ("static", "{\"context\": 5}", 400, json!({"key": "static", "errorCode": "INVALID_CONTEXT"})),
+        ("static", "{\"context\": null}", 400, json!({"key": "static", "errorCode": "INVALID_CONTEXT"})),
+        ("static", "[1]", 400, json!({"key": "static", "errorCode": "PARSE_ERROR"})),
         ("ghost", "{}", 404, json!({"key": "ghost", "errorCode": "FLAG_NOT_FOUND"})),
     ];
     for (key, body, status, expected) in cases {

@@ -174,3 +174,33 @@ async fn every_operation_in_the_openapi_document_is_served() {
     }
     assert!(operations >= 25, "{operations} operations documented");
 }
+
+/// A property-based fuzzer (schemathesis) drives every operation of `/openapi.json` with
+/// generated and boundary inputs: no 5xx, no error that is not JSON, no status or body the
+/// document does not describe. Bounded (few examples per operation, fixed seed) to stay a CI check.
+#[tokio::test]
+async fn a_property_based_fuzzer_finds_no_server_error_and_nothing_outside_the_document() {
+    let Some(schemathesis) = changegate_e2e::schemathesis() else { return };
+    let gw = Gateway::start(&[]).await;
+    let run = tokio::process::Command::new(schemathesis)
+        .arg("run")
+        .arg(gw.url("/openapi.json"))
+        .args(["-H", &format!("apikey: {}", gw.dev_key("service"))])
+        .args(["--max-examples", "5", "--seed", "20261125", "--workers", "2"])
+        .args(["--phases", "coverage,fuzzing"])
+        .args([
+            "-c",
+            "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,response_headers_conformance",
+        ])
+        .env("NO_COLOR", "1")
+        .kill_on_drop(true)
+        .output();
+    let output =
+        tokio::time::timeout(Duration::from_secs(600), run).await.expect("the fuzzer finishes").unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "schemathesis found problems:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

@@ -132,8 +132,12 @@ fn context(bytes: &Bytes) -> Result<Map<String, Value>, (&'static str, String)> 
     }
     let body: Value =
         serde_json::from_slice(bytes).map_err(|e| ("PARSE_ERROR", format!("the body is not JSON: {e}")))?;
+    let Value::Object(body) = body else {
+        return Err(("PARSE_ERROR", "the body must be a JSON object `{\"context\": {…}}`".to_owned()));
+    };
+    // As the protocol's schema says: an object, or absent — `null` is neither.
     match body.get("context") {
-        None | Some(Value::Null) => Ok(Map::new()),
+        None => Ok(Map::new()),
         Some(Value::Object(context)) => Ok(context.clone()),
         Some(_) => Err(("INVALID_CONTEXT", "`context` must be an object".to_owned())),
     }
@@ -272,11 +276,16 @@ pub(crate) async fn events(
     };
     let key = FeedKey { tenant: principal.tenant.clone(), feed: Feed::Flags };
     let filter = Filter::Environment(Some(environment));
+    // Every answer of the OFREP routes is in the protocol's error shape.
     let resume = match headers.get("last-event-id").and_then(|v| v.to_str().ok()).map(str::trim) {
         None | Some("") => None,
-        Some(text) => Some(Resume::After(text.parse().map_err(|_| {
-            ApiError::bad_request("invalid_last_event_id", "Last-Event-ID is not an id this stream sent")
-        })?)),
+        Some(text) => match text.parse() {
+            Ok(position) => Some(Resume::After(position)),
+            Err(_) => {
+                let details = "Last-Event-ID is not an id this stream sent";
+                return Ok(failure(StatusCode::BAD_REQUEST, None, "GENERAL", details));
+            }
+        },
     };
     open_stream(&app, &principal, key, filter, resume, Wire::Ofrep, app.limits.flags_heartbeat[0]).await
 }
