@@ -721,6 +721,47 @@ impl Drop for MockMongo {
     }
 }
 
+/// Polls `probe` until it answers `Ok`, for at most [`PATIENCE`]; then fails the test with its
+/// last `Err`. For conditions that become true asynchronously (a counter, a log line): a
+/// sleep-then-assert would be flaky on a loaded machine, and slow on an idle one.
+pub async fn eventually<T, F, Fut>(what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        match probe().await {
+            Ok(value) => return value,
+            Err(last) if tokio::time::Instant::now() >= deadline => {
+                panic!("{what}: still not so after {PATIENCE:?}: {last}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(25)).await,
+        }
+    }
+}
+
+impl Gateway {
+    /// The `/metrics` text once `ready` holds for it (see [`eventually`]).
+    pub async fn metrics_when(&self, what: &str, ready: impl Fn(&str) -> bool) -> String {
+        eventually(what, || async {
+            let text = self.http.get(self.url("/metrics")).send().await.map_err(|e| e.to_string())?;
+            let text = text.text().await.map_err(|e| e.to_string())?;
+            if ready(&text) { Ok(text) } else { Err(text) }
+        })
+        .await
+    }
+
+    /// The collected logs once `ready` holds for them (only for [`Gateway::start_logging`]).
+    pub async fn logs_when(&self, what: &str, ready: impl Fn(&str) -> bool) -> String {
+        eventually(what, || async {
+            let logs = self.logs();
+            if ready(&logs) { Ok(logs) } else { Err(logs) }
+        })
+        .await
+    }
+}
+
 /// Says a test was skipped, on the real stderr: the test harness captures `eprintln!` of passing
 /// tests, and a skip must be visible in CI's log. Under `CHANGEGATE_REQUIRE_ALL=1` (`.ci/run`
 /// sets it, after installing everything the suite needs) a skip is a failure: CI can never be

@@ -469,7 +469,10 @@ async fn the_seam_between_catch_up_and_live_skips_exactly_what_was_already_sent(
     assert_eq!((name.as_str(), &doc["getMore"]), ("getMore", &json!(50)));
     // While the catch-up still reads, the live stream delivers both changes.
     s.mongo.reply_to(live_more, cursor(42, "nextBatch", vec![missed, later], "82A3")).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.gw.metrics_when("the live stream dispatched both changes", |text| {
+        text.lines().any(|l| l == r#"changegate_events_in_total{feed="collection"} 3"#)
+    })
+    .await;
     s.mongo.reply_to(catch_up_more, cursor(50, "nextBatch", vec![], "82A2")).await;
 
     let mut resumed = resumed.await.unwrap();

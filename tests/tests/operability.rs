@@ -6,10 +6,13 @@ use changegate_e2e::Gateway;
 use serde_json::json;
 
 fn sample(text: &str, name_and_labels: &str) -> f64 {
+    try_sample(text, name_and_labels).unwrap_or_else(|| panic!("no sample {name_and_labels} in:\n{text}"))
+}
+
+fn try_sample(text: &str, name_and_labels: &str) -> Option<f64> {
     text.lines()
         .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no sample {name_and_labels} in:\n{text}"))
 }
 
 #[tokio::test]
@@ -28,11 +31,15 @@ async fn metrics_count_streams_events_replays_resets_and_auth_failures() {
     // A resume older than retention: a reset.
     let _reset = gw.sse(&path, &[("last-event-id", &first)]).await;
     let _ = gw.try_sse("/v1/events/subscribe?topic=m", &[("apikey", "flc_anon_nope")]).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
     let response = gw.http.get(gw.url("/metrics")).send().await.unwrap();
     assert_eq!(response.status(), 200);
     assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
-    let text = response.text().await.unwrap();
+    // The counters settle as the streams flush: wait for the last of them, then assert exactly.
+    let text = gw
+        .metrics_when("every event counted out", |text| {
+            try_sample(text, r#"changegate_events_out_total{route="/v1/events/subscribe"}"#) == Some(4.0)
+        })
+        .await;
     assert_eq!(sample(&text, r#"changegate_streams_open{route="/v1/events/subscribe"}"#), 2.0);
     assert_eq!(sample(&text, r#"changegate_events_in_total{feed="messages"}"#), 4.0);
     assert_eq!(sample(&text, r#"changegate_events_out_total{route="/v1/events/subscribe"}"#), 4.0);
@@ -42,13 +49,10 @@ async fn metrics_count_streams_events_replays_resets_and_auth_failures() {
     assert!(text.contains("changegate_commit_to_dispatch_seconds_bucket"), "delivery latency histogram");
     assert!(!text.contains("tenant="), "no tenant labels unless opted in");
     drop(sse);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let text = gw.http.get(gw.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    assert_eq!(
-        sample(&text, r#"changegate_streams_open{route="/v1/events/subscribe"}"#),
-        1.0,
-        "a closed stream is counted down"
-    );
+    gw.metrics_when("a closed stream is counted down", |text| {
+        try_sample(text, r#"changegate_streams_open{route="/v1/events/subscribe"}"#) == Some(1.0)
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -108,8 +112,12 @@ async fn access_logs_are_json_lines_with_route_status_tenant_and_duration_and_ne
     assert_eq!(ofrep.send().await.unwrap().status(), 200);
     drop(gw.sse(&format!("/api/v1/stream?apikey={sdk}"), &[]).await);
     drop(sse);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let logs = gw.logs();
+    let logs = gw
+        .logs_when("the subscribe stream's end is logged", |logs| {
+            logs.lines()
+                .any(|l| l.contains("stream closed") && l.contains("\"route\":\"/v1/events/subscribe\""))
+        })
+        .await;
     let lines: Vec<serde_json::Value> = logs
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))

@@ -79,6 +79,19 @@ enum Scenario {
         #[arg(long, default_value_t = 200_000)]
         iterations: u32,
     },
+    /// N readers that never read while M messages of B bytes are published: gateway RSS before,
+    /// at the peak, and after the readers are gone (is the memory given back?).
+    Stalled {
+        /// Readers that never read.
+        #[arg(long, default_value_t = 1000)]
+        readers: usize,
+        /// Messages published.
+        #[arg(long, default_value_t = 50_000)]
+        messages: u64,
+        /// Bytes of data per message.
+        #[arg(long, default_value_t = 1000)]
+        bytes: usize,
+    },
     /// K clients drop and reconnect with Last-Event-ID at once while publishing continues.
     Reconnect {
         #[arg(long, default_value_t = 1000)]
@@ -211,11 +224,71 @@ async fn main() -> anyhow::Result<()> {
             tenants_scenario(&binary, tenants, subscribers, events).await
         }
         Scenario::Reconnect { clients, rate, seconds } => reconnect(&binary, clients, rate, seconds).await,
+        Scenario::Stalled { readers, messages, bytes } => stalled(&binary, readers, messages, bytes).await,
         Scenario::Eval { iterations } => {
             eval(iterations);
             Ok(())
         }
     }
+}
+
+async fn stalled(
+    binary: &std::path::Path,
+    readers: usize,
+    messages: u64,
+    bytes: usize,
+) -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let (keys_file, keys) = keys(1)?;
+    let gw = Gateway::start(binary, &["--keys".into(), keys_file.display().to_string()], &[]).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = gw.rss_kib();
+    let (anon, publish) = keys[0].clone();
+    let mut sockets = Vec::with_capacity(readers);
+    for i in 0..readers {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(std::net::SocketAddr::new(source(i), 0))?;
+        let mut stream = socket.connect(gw.address).await?;
+        let request = format!(
+            "GET /v1/events/subscribe?topic=s&apikey={anon} HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await?;
+        // Never read: the kernel's buffers fill, then the gateway's.
+        sockets.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let http = reqwest::Client::new();
+    let url = format!("http://{}/v1/events/publish", gw.address);
+    let data = "x".repeat(bytes);
+    let mut peak = gw.rss_kib();
+    let mut inflight = tokio::task::JoinSet::new();
+    for i in 0..messages {
+        let request = http.post(&url).header("apikey", &publish).json(&json!({"topic": "s", "data": data}));
+        inflight.spawn(async move { request.send().await.is_ok() });
+        while inflight.len() > 64 {
+            let _ = inflight.join_next().await;
+        }
+        if i % 1000 == 0 {
+            peak = peak.max(gw.rss_kib());
+        }
+    }
+    while inflight.join_next().await.is_some() {}
+    peak = peak.max(gw.rss_kib());
+    drop(sockets);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after = gw.rss_kib();
+    report(
+        "stalled",
+        json!({"readers": readers, "messages": messages, "bytes": bytes,
+               "rss_before_kib": before, "rss_peak_kib": peak, "rss_after_close_kib": after}),
+        format!(
+            "{readers} stalled readers, {messages} × {bytes} B | RSS {} MiB → peak {} MiB → {} MiB after they left",
+            before / 1024,
+            peak / 1024,
+            after / 1024
+        ),
+    );
+    Ok(())
 }
 
 async fn idle(binary: &std::path::Path, connections: usize, seconds: u64) -> anyhow::Result<()> {
