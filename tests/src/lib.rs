@@ -60,6 +60,11 @@ fn binary() -> PathBuf {
         .clone()
 }
 
+/// The `changegate` binary the tests run (built once per test process).
+pub fn changegate_binary() -> PathBuf {
+    binary()
+}
+
 /// A running gateway process, killed when dropped.
 pub struct Gateway {
     child: Child,

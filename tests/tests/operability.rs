@@ -212,3 +212,23 @@ async fn a_property_based_fuzzer_finds_no_server_error_and_nothing_outside_the_d
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// The container health check: `changegate probe` exits 0 only when `/readyz` answers 200.
+#[tokio::test]
+async fn the_probe_command_reports_readiness() {
+    let gw = Gateway::start(&[]).await;
+    let listen = gw.base.trim_start_matches("http://").to_owned();
+    let probe = |listen: String| {
+        tokio::process::Command::new(changegate_e2e::changegate_binary())
+            .args(["probe", "--listen", &listen])
+            .env("RUST_BACKTRACE", "0")
+            .output()
+    };
+    let ready = probe(listen).await.unwrap();
+    assert!(ready.status.success(), "{}", String::from_utf8_lossy(&ready.stderr));
+    drop(gw);
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let nobody = closed.local_addr().unwrap().to_string();
+    drop(closed);
+    assert!(!probe(nobody).await.unwrap().status.success());
+}

@@ -139,3 +139,50 @@ async fn a_reader_that_never_reads_again_is_disconnected_after_the_write_timeout
     let id = gw.publish(gw.dev_key("publish"), "flood", json!("after")).await;
     assert_eq!(fresh.next_event().await.id(), Some(id.as_str()));
 }
+
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+}
+
+/// What a reader that stopped reading may pin in the gateway is bounded per connection: the
+/// HTTP layer's queue (hyper's default, ~400 KB a connection, let 1 000 stalled readers hold
+/// half a gigabyte), not the whole flood.
+#[tokio::test]
+async fn a_stalled_reader_pins_a_bounded_amount_of_gateway_memory() {
+    const READERS: usize = 200;
+    let gw = Gateway::start(&["--retention-events", "10", "--write-timeout", "60s"]).await;
+    let mut readers = Vec::new();
+    for _ in 0..READERS {
+        readers.push(stalled_reader(&gw).await);
+    }
+    let before = rss_bytes(gw.pid());
+    let data = "x".repeat(1000);
+    let http = reqwest::Client::new();
+    let publisher = gw.dev_key("publish").to_owned();
+    let mut inflight = tokio::task::JoinSet::new();
+    for _ in 0..5000 {
+        let request = http
+            .post(gw.url("/v1/events/publish"))
+            .header("apikey", &publisher)
+            .json(&json!({"topic": "flood", "data": data}));
+        inflight.spawn(async move { assert_eq!(request.send().await.unwrap().status(), 202) });
+        while inflight.len() > 32 {
+            inflight.join_next().await.unwrap().unwrap();
+        }
+    }
+    while let Some(done) = inflight.join_next().await {
+        done.unwrap();
+    }
+    let grown = rss_bytes(gw.pid()).saturating_sub(before);
+    println!(
+        "{READERS} stalled readers after 5 000 × 1 KB: RSS grew {} KiB per reader",
+        grown / 1024 / READERS as u64
+    );
+    assert!(
+        grown / (READERS as u64) < 160 * 1024,
+        "{} KiB per stalled reader",
+        grown / 1024 / READERS as u64
+    );
+}

@@ -275,14 +275,22 @@ async fn stalled(
     while inflight.join_next().await.is_some() {}
     peak = peak.max(gw.rss_kib());
     drop(sockets);
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Past the write timeout (30 s), so every stalled connection is certainly gone.
+    tokio::time::sleep(Duration::from_secs(35)).await;
     let after = gw.rss_kib();
+    let metrics = http.get(format!("http://{}/metrics", gw.address)).send().await?.text().await?;
+    let streams_left = metrics
+        .lines()
+        .find(|l| l.starts_with("changegate_streams_open{"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or(0.0);
     report(
         "stalled",
         json!({"readers": readers, "messages": messages, "bytes": bytes,
-               "rss_before_kib": before, "rss_peak_kib": peak, "rss_after_close_kib": after}),
+               "rss_before_kib": before, "rss_peak_kib": peak, "rss_after_close_kib": after,
+               "streams_left": streams_left}),
         format!(
-            "{readers} stalled readers, {messages} × {bytes} B | RSS {} MiB → peak {} MiB → {} MiB after they left",
+            "{readers} stalled readers, {messages} × {bytes} B | RSS {} MiB → peak {} MiB → {} MiB 35 s after they left",
             before / 1024,
             peak / 1024,
             after / 1024

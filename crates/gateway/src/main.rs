@@ -44,6 +44,16 @@ enum Command {
     /// Turn change capture on or off for a table.
     #[command(subcommand)]
     Realtime(Realtime),
+    /// Ask a running gateway whether it is ready (`GET /readyz`); exits 0 only on `200`. For
+    /// container health checks, which have no HTTP client in the image.
+    Probe {
+        /// The gateway's address.
+        #[arg(long, env = "CHANGEGATE_LISTEN", default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// The path to ask.
+        #[arg(long, default_value = "/readyz")]
+        path: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -252,6 +262,7 @@ async fn main() -> anyhow::Result<()> {
     }
     match cli.command {
         Command::Serve(args) => serve(*args, cli.database_url).await,
+        Command::Probe { listen, path } => probe(listen, &path).await,
         command => admin(command, cli.database_url.as_deref()).await,
     }
 }
@@ -260,7 +271,7 @@ async fn admin(command: Command, url: Option<&str>) -> anyhow::Result<()> {
     let url = url.context("this command needs a database: set DATABASE_URL or pass --database-url")?;
     let store = Store::connect(url, 2)?;
     match command {
-        Command::Serve(_) => anyhow::bail!("`serve` is not an administration command"),
+        Command::Serve(_) | Command::Probe { .. } => anyhow::bail!("not an administration command"),
         Command::Migrate => {
             let applied = store.migrate().await?;
             println!("migrations applied: {applied:?}");
@@ -430,6 +441,30 @@ async fn serve(args: Serve, database_url: Option<String>) -> anyhow::Result<()> 
         () = signal => {}
     }
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// `GET <path>` on `listen` (a wildcard address means this host), within two seconds.
+async fn probe(listen: SocketAddr, path: &str) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut address = listen;
+    if address.ip().is_unspecified() {
+        address.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(address).await?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut head = vec![0u8; 64];
+        let n = stream.read(&mut head).await?;
+        anyhow::Ok(String::from_utf8_lossy(&head[..n]).into_owned())
+    };
+    let head = tokio::time::timeout(Duration::from_secs(2), exchange)
+        .await
+        .with_context(|| format!("{address} did not answer within 2 s"))??;
+    let status = head.split_whitespace().nth(1).unwrap_or("none");
+    anyhow::ensure!(status == "200", "GET {path} on {address} answered {status}");
+    println!("ready");
     Ok(())
 }
 

@@ -64,6 +64,9 @@ pub fn open_file_limit() -> Option<u64> {
     line.split_whitespace().nth(3)?.parse().ok()
 }
 
+/// Most bytes hyper buffers per connection, read or write (its minimum is 8 KiB).
+const MAX_BUF: usize = 64 * 1024;
+
 /// Paths served on a connection accepted beyond the cap.
 const RESERVED_PATHS: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
 
@@ -163,7 +166,13 @@ pub async fn serve(
         let (closing, alive) = (closing.clone(), alive.clone());
         tokio::spawn(async move {
             let mut http = hyper::server::conn::http1::Builder::new();
-            http.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout).keep_alive(!over_cap);
+            // hyper queues response bytes up to `max_buf_size` per connection (default ~400 KB):
+            // a thousand readers that stopped reading would pin 400 MB. A stream needs far less —
+            // a lagging one is cut off by the hub anyway.
+            http.timer(TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .keep_alive(!over_cap)
+                .max_buf_size(MAX_BUF);
             let connection = http.serve_connection(io, TowerToHyperService::new(service)).with_upgrades();
             tokio::pin!(connection);
             tokio::select! {
