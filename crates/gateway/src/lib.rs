@@ -11,6 +11,7 @@ pub mod error;
 pub mod flag_routes;
 pub mod jwt;
 pub mod keys;
+pub mod mongo;
 pub mod ofrep;
 pub mod routes;
 pub mod server;

@@ -382,15 +382,21 @@ async fn serve(args: Serve, database_url: Option<String>) -> anyhow::Result<()> 
     };
     let mut state = state;
     state.ofrep_rate = changegate::ofrep::RateLimiter::new(args.ofrep_rate_limit);
+    #[cfg(not(feature = "mongo"))]
+    anyhow::ensure!(
+        args.mongodb_url.is_none(),
+        "--mongodb-url: this build of changegate has no MongoDB support (built without the `mongo` feature)"
+    );
+    #[cfg(feature = "mongo")]
     if let Some(url) = &args.mongodb_url {
-        let config = changegate_mongo::source::MongoConfig {
+        let config = changegate::mongo::MongoConfig {
             url: url.clone(),
             database: args.mongodb_database.clone(),
             tenant_field: args.mongodb_tenant_field.clone(),
             max_await: args.mongodb_max_await,
             pool: args.mongodb_pool,
         };
-        let source = changegate_mongo::source::MongoSource::connect(&config, hub, state.closing.clone())
+        let source = changegate::mongo::MongoSource::connect(&config, hub, state.closing.clone())
             .await
             .context("configuring MongoDB")?;
         state.mongo = Some(std::sync::Arc::new(source));

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use crate::mongo::{MongoSource, ResumeToken};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{RawQuery, Request, State};
@@ -15,8 +16,6 @@ use changegate_core::auth::Action;
 use changegate_core::{
     CollectionName, Feed, FeedKey, Filter, PAGE, Position, Replay, Start, Topic, TopicPattern,
 };
-use changegate_mongo::ResumeToken;
-use changegate_mongo::source::{CatchUp, MongoSource};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -314,7 +313,7 @@ async fn readyz(State(app): State<AppState>) -> Response {
     }
     // Bounded: readiness must answer quickly even while the driver waits for a server.
     if let Some(mongo) = &app.mongo
-        && !matches!(tokio::time::timeout(Duration::from_secs(2), mongo.ping()).await, Ok(Ok(())))
+        && !matches!(tokio::time::timeout(Duration::from_secs(2), crate::mongo::ping(mongo)).await, Ok(true))
     {
         return ApiError::Unavailable("MongoDB is unreachable".into()).into_response();
     }
@@ -416,8 +415,7 @@ async fn subscribe(
                 None => !matches!(*app.engine, Engine::Postgres(_)) && app.mongo.is_some(),
             };
             if use_mongo {
-                changegate_mongo::collection(&name)
-                    .map_err(|e| ApiError::bad_request("invalid_collection", e.to_string()))?;
+                crate::mongo::check_collection(&name)?;
                 (Feed::Collection { source: changegate_core::SourceKind::Mongo, name }, Filter::Everything)
             } else {
                 let key =
@@ -473,7 +471,7 @@ pub async fn open_stream(
         }
         _ => None,
     };
-    let hub = mongo.as_ref().map_or_else(|| app.engine.hub(), |m| m.hub());
+    let hub = mongo.as_deref().map_or_else(|| app.engine.hub(), crate::mongo::hub);
     // Subscribe before reading the log: every event is then in the replay, the live stream,
     // or both (and the duplicates are skipped by position).
     let subscription =
@@ -486,25 +484,18 @@ pub async fn open_stream(
         labels.push(("tenant", key.tenant.to_string()));
     }
     let cap = app.limits.replay_max;
-    let expired = || sse::message(None, Some("reset"), r#"{"reason":"position-expired"}"#);
     match resume {
         None => {}
         // A MongoDB change stream is its own log: catch up from the token with a stream of
         // its own; live events up to the last caught-up one are then skipped.
         Some(Resume::Token(token)) => match mongo.as_ref() {
-            Some(mongo) => {
-                let pages = mongo.catch_up(&key, &token, cap).await.map_err(|e| {
-                    tracing::warn!(tenant = %key.tenant, error = %e, "MongoDB catch-up failed");
-                    ApiError::Unavailable("MongoDB is unavailable; try again".into())
-                })?;
-                backlog = Some(mongo_backlog(pages));
-            }
+            Some(mongo) => backlog = Some(crate::mongo::backlog(mongo, &key, &token, cap).await?),
             None => return Err(invalid_last_event_id()),
         },
         Some(Resume::After(_)) if mongo.is_some() => {
             // Not a token: nothing to resume from on a MongoDB collection.
             metrics::counter!("changegate_resets_total", &labels).increment(1);
-            prelude.push(expired());
+            prelude.push(crate::mongo::expired());
         }
         Some(Resume::After(position)) => {
             if app.engine.backlog_exceeds(&key, position, cap).await? {
@@ -555,21 +546,6 @@ fn logged_backlog(app: &AppState, key: &FeedKey, filter: &Filter, start: Start) 
                 Err(_) => sse::Caught::Failed,
             };
             Some((caught, None))
-        }
-    }))
-}
-
-/// A MongoDB catch-up as the stream writer reads it.
-fn mongo_backlog(pages: changegate_mongo::source::CatchUpStream) -> sse::Backlog {
-    Box::pin(futures_util::StreamExt::map(pages, |page| match page {
-        Ok(CatchUp::Events(frames)) => sse::Caught::Page(frames),
-        Ok(CatchUp::Lost) => sse::Caught::Reset {
-            bytes: sse::message(None, Some("reset"), r#"{"reason":"position-expired"}"#),
-            after: None,
-        },
-        Err(error) => {
-            tracing::warn!(%error, "MongoDB catch-up failed mid-way; the client resumes");
-            sse::Caught::Failed
         }
     }))
 }
