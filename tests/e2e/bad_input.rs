@@ -129,7 +129,8 @@ async fn a_bad_request_never_disturbs_another_clients_stream() {
 /// Every route in the OpenAPI document, every method it has, with hostile input — a path
 /// parameter that is not UTF-8, a body over the route family's limit, a body that is not JSON,
 /// a wrong query string, a method it does not have: the answer is always a 4xx whose body is
-/// our JSON error shape (OFREP evaluations: the protocol's), never a 5xx, never plain text.
+/// our JSON error shape (OFREP evaluations and Togul's evaluate API: theirs), never a 5xx, never
+/// plain text.
 #[tokio::test]
 async fn hostile_input_on_every_route_gets_a_json_error() {
     let gw = Gateway::start(&["--max-body", "1024", "--max-json-body", "2048"]).await;
@@ -178,7 +179,10 @@ async fn hostile_input_on_every_route_gets_a_json_error() {
                 let ofrep = path.starts_with("/ofrep/v1/evaluate")
                     && body["errorCode"].is_string()
                     && body["errorDetails"].is_string();
-                assert!(ours || ofrep, "{method} {target}: {body}");
+                // Togul's evaluate API answers in the shape its SDK parses.
+                let togul =
+                    path == "/api/v1/evaluate" && body["code"].is_string() && body["message"].is_string();
+                assert!(ours || ofrep || togul, "{method} {target}: {body}");
                 checked += 1;
             }
         }

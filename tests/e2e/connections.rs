@@ -161,3 +161,50 @@ async fn at_the_cap_streams_keep_flowing_operations_answer_others_get_503_and_it
     };
     assert!(refused("at_cap") && refused("closed_at_accept"), "{metrics}");
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Opens an SSE stream on a raw socket and reads until its first bytes (the `retry:` line).
+async fn idle_stream(gw: &Gateway, key: &str) -> TcpStream {
+    let mut stream = connect(gw).await;
+    let request = format!("GET /v1/events/subscribe?topic=idle&apikey={key} HTTP/1.1\r\nHost: t\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut seen = Vec::new();
+    while !seen.windows(6).any(|w| w == b"retry:") {
+        let mut buffer = [0u8; 512];
+        let n = timeout(PATIENCE, stream.read(&mut buffer)).await.unwrap().unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buffer[..n]);
+    }
+    stream
+}
+
+/// What an idle subscriber costs is guarded, so that it can never triple silently again (it
+/// went from 24.8 to ~71 KiB once, and nothing noticed). Memory is deterministic enough for a
+/// test; the bound has headroom over the measured figure (see BENCHMARKS.md for the release
+/// build's), and is to be lowered as the cost comes down.
+#[tokio::test]
+async fn an_idle_subscriber_costs_a_bounded_amount_of_gateway_memory() {
+    const STREAMS: u64 = 2000;
+    const BOUND_KIB: u64 = 20;
+    let gw = Gateway::start(&[]).await;
+    let key = gw.dev_key("anon").to_owned();
+    let mut streams = Vec::new();
+    for _ in 0..100 {
+        streams.push(idle_stream(&gw, &key).await);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = rss_kib(gw.pid());
+    for _ in 0..STREAMS {
+        streams.push(idle_stream(&gw, &key).await);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let per_stream = (rss_kib(gw.pid()).saturating_sub(before) * 1024) / STREAMS;
+    println!("an idle SSE subscriber costs {per_stream} B of gateway RSS (debug build)");
+    assert!(per_stream <= BOUND_KIB * 1024, "{per_stream} B per idle subscriber (bound {BOUND_KIB} KiB)");
+    drop(streams);
+}

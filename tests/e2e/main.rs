@@ -14,6 +14,7 @@ mod operability;
 mod postgres_capture;
 mod postgres_delivery;
 mod resume;
+mod sdks;
 mod shutdown;
 mod slow_consumer;
 mod sse_wire;

@@ -194,7 +194,10 @@ async fn a_property_based_fuzzer_finds_no_server_error_and_nothing_outside_the_d
         .arg("run")
         .arg(gw.url("/openapi.json"))
         .args(["-H", &format!("apikey: {}", gw.dev_key("service"))])
-        .args(["--max-examples", "5", "--seed", "20261125", "--workers", "2"])
+        // One worker: hypothesis's lambda-source cache is not thread-safe (a spurious "AST
+        // constructor recursion depth" error with two). Streams answer 200 and stay open: the
+        // request timeout ends them, it is not a failure.
+        .args(["--max-examples", "5", "--seed", "20261125", "--workers", "1", "--request-timeout", "2"])
         .args(["--phases", "coverage,fuzzing"])
         .args([
             "-c",

@@ -779,6 +779,18 @@ pub fn skipped(why: &str) {
     let _ = writeln!(std::io::stderr().lock(), "SKIPPED: {why}");
 }
 
+/// The Python of the repository's `.venv` (which `.ci/run` creates with the seed services' SDKs
+/// pinned) if it can import `module`, or `None` after saying so.
+pub fn venv_python(module: &str) -> Option<PathBuf> {
+    let python = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    let imports = std::process::Command::new(&python).args(["-c", &format!("import {module}")]).output();
+    if imports.is_ok_and(|o| o.status.success()) {
+        return Some(python);
+    }
+    skipped(&format!("{} cannot import `{module}`; `.ci/run` installs it in .venv", python.display()));
+    None
+}
+
 /// The schemathesis command (`$SCHEMATHESIS`, else the repository's `.venv`, which `.ci/run`
 /// creates), or `None` after saying so.
 pub fn schemathesis() -> Option<PathBuf> {

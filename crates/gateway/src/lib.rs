@@ -17,6 +17,7 @@ pub mod routes;
 pub mod server;
 pub mod sse;
 pub mod stall;
+pub mod togul;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -215,6 +215,7 @@ api! {
     "/ofrep/v1/evaluate/flags/{key}" => post(crate::ofrep::evaluate_one),
     "/ofrep/v1/evaluate/flags" => post(crate::ofrep::evaluate_bulk),
     "/ofrep/v1/events" => get(crate::ofrep::events),
+    "/api/v1/evaluate" => post(crate::togul::evaluate),
 }
 
 /// The OpenAPI 3.1 document of every route.
@@ -244,6 +245,8 @@ pub fn router(state: AppState) -> Router {
 /// limit, a missing or wrong content type, an unreadable body) become our error shape: every
 /// error response is `{"error":{"code","message"}}`, whoever produced it.
 async fn json_errors(request: Request, next: Next, max_json_body: usize) -> Response {
+    // Togul's SDK reads its errors as top-level `{"code","message"}`.
+    let togul = request.uri().path() == "/api/v1/evaluate";
     let response = next.run(request).await;
     let status = response.status();
     let is_json = response
@@ -259,6 +262,14 @@ async fn json_errors(request: Request, next: Next, max_json_body: usize) -> Resp
         Ok(bytes) => String::from_utf8_lossy(&bytes).trim().chars().take(300).collect::<String>(),
         Err(_) => String::new(),
     };
+    if togul {
+        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge(max_json_body).to_string()
+        } else {
+            text
+        };
+        return crate::togul::error(status, "invalid_request", &message);
+    }
     let error = match status {
         StatusCode::PAYLOAD_TOO_LARGE => return ApiError::PayloadTooLarge(max_json_body).into_response(),
         StatusCode::NOT_FOUND => "not_found",
