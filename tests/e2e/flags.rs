@@ -487,11 +487,18 @@ async fn a_rotated_key_works_during_its_grace_then_its_streams_close(s: Setup) {
     assert_eq!(status, 201, "{rotated}");
     let new_key = rotated["key"].as_str().unwrap().to_owned();
     assert!(new_key.starts_with("flc_sdk_") && new_key != s.sdk_prod);
-    // Streams of the environment hear of it; another environment's do not.
+    // Streams of the environment hear of it — as `config-updated`, and as the `api-key-rotated`
+    // event Flipswitch's SDK reads, naming when the old key stops — another environment's do not.
+    let expires = rotated["previousKeyExpiresAt"].as_str().map(str::to_owned);
     for sse in [&mut old_stream, &mut observer] {
         let event = sse.next_event().await;
         assert_eq!(event.event(), Some("config-updated"));
         assert_eq!(event.json()["reason"], "api-key-rotated");
+        let rotation = sse.next_event().await;
+        assert_eq!(rotation.event(), Some("api-key-rotated"));
+        let valid_until = rotation.json()["validUntil"].as_str().unwrap().to_owned();
+        assert!(valid_until.ends_with('Z') && valid_until.len() == 24, "{valid_until}");
+        assert_eq!(Some(&valid_until), expires.as_ref(), "the old key's end, as the rotation answered it");
     }
     staging.assert_quiet(Duration::from_millis(200)).await;
     // In the grace period both keys work.

@@ -205,6 +205,8 @@ pub enum EventBody {
         environment: Option<EnvironmentId>,
         /// Why.
         reason: ConfigReason,
+        /// For a rotated key: when the previous key stops working (its grace period's end).
+        valid_until: Option<Timestamp>,
     },
     /// An application message published through `POST /v1/events/publish`.
     Message {

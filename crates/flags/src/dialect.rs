@@ -1,9 +1,9 @@
 //! The three flag-stream dialects, each encoded once per event and shared by every subscriber.
 //! An event a dialect does not show encodes to empty bytes.
 
-use bytes::Bytes;
-use changegate_core::sse::message;
-use changegate_core::{Event, EventBody, FlagEventKind, Timestamp};
+use bytes::{Bytes, BytesMut};
+use changegate_core::sse::{message, push_message};
+use changegate_core::{ConfigReason, Event, EventBody, FlagEventKind, Timestamp};
 use serde_json::json;
 
 /// Dialect A (`/api/v1/stream`): `data: {"type","flag_key","environment_id","version","timestamp"}`
@@ -62,11 +62,21 @@ pub fn encode_c(event: &Event) -> Bytes {
             Some("flag-updated"),
             &json!({"flagKey": flag_key, "timestamp": timestamp}).to_string(),
         ),
-        EventBody::Config { reason, .. } => message(
-            None,
-            Some("config-updated"),
-            &json!({"reason": reason.as_str(), "timestamp": timestamp}).to_string(),
-        ),
+        EventBody::Config { reason, valid_until, .. } => {
+            let mut out = BytesMut::new();
+            push_message(
+                &mut out,
+                None,
+                Some("config-updated"),
+                &json!({"reason": reason.as_str(), "timestamp": timestamp}).to_string(),
+            );
+            // Flipswitch's SDK also reads a rotation as its own event, with the old key's end.
+            if let (ConfigReason::ApiKeyRotated, Some(until)) = (reason, valid_until) {
+                let data = json!({"validUntil": until.rfc3339(), "timestamp": timestamp});
+                push_message(&mut out, None, Some("api-key-rotated"), &data.to_string());
+            }
+            out.freeze()
+        }
         _ => Bytes::new(),
     }
 }
@@ -170,7 +180,8 @@ mod tests {
             text(&with_id_c(&block, 1_705_844_445_123)),
             "event: flag-updated\nid: 1705844445123\ndata: {\"flagKey\":\"dark-mode\",\"timestamp\":\"2024-01-21T13:40:45.123Z\"}\n\n"
         );
-        let config = EventBody::Config { environment: None, reason: ConfigReason::SegmentModified };
+        let config =
+            EventBody::Config { environment: None, reason: ConfigReason::SegmentModified, valid_until: None };
         assert_eq!(
             text(&encode_c(&event(config))),
             "event: config-updated\ndata: {\"reason\":\"segment-modified\",\"timestamp\":\"2024-01-21T13:40:45.123Z\"}\n\n"

@@ -38,7 +38,9 @@ impl Emit {
             Self::Flag { kind, key, version, flag } => {
                 EventBody::Flag { environment: environment.clone(), kind, flag_key: key, version, flag }
             }
-            Self::Config(reason) => EventBody::Config { environment: Some(environment.clone()), reason },
+            Self::Config(reason) => {
+                EventBody::Config { environment: Some(environment.clone()), reason, valid_until: None }
+            }
         }
     }
 }

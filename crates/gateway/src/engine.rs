@@ -187,6 +187,7 @@ impl Engine {
                 let body = EventBody::Config {
                     environment: record.environment.clone(),
                     reason: ConfigReason::ApiKeyRotated,
+                    valid_until: Some(expires),
                 };
                 engine.append(tenant, Feed::Flags, body);
                 Ok(Rotation { id: record.id, key, expires })

@@ -102,7 +102,12 @@ pub(crate) fn row(text: &str, epoch: Epoch) -> Result<Event, PgError> {
                 None => None,
             };
             let reason = p.get("reason").and_then(Value::as_str).and_then(ConfigReason::parse);
-            EventBody::Config { environment, reason: reason.ok_or_else(|| bad("unknown config reason"))? }
+            let valid_until = p.get("valid_until").and_then(Value::as_u64).map(Timestamp::from_millis);
+            EventBody::Config {
+                environment,
+                reason: reason.ok_or_else(|| bad("unknown config reason"))?,
+                valid_until,
+            }
         }
         _ => return Err(bad("unknown kind")),
     };

@@ -312,7 +312,8 @@ impl Store {
         let tenant_id = TenantId::parse(&tenant)
             .map_err(|_| PgError::Invalid("stored key has an invalid tenant".into()))?;
         let channel = crate::channel(&FeedKey { tenant: tenant_id, feed: Feed::Flags });
-        let payload = serde_json::json!({"environment": environment, "reason": "api-key-rotated"});
+        let payload = serde_json::json!({"environment": environment, "reason": "api-key-rotated",
+                                         "valid_until": expires.as_millis()});
         tx.execute(
             "select realtime.enqueue($1, $2, 'config', null, null, null, null, $3::text::jsonb)",
             &[&channel, &tenant, &payload.to_string()],
@@ -433,9 +434,11 @@ impl Store {
                     serde_json::json!({"environment": environment, "type": kind.as_str(), "flag_key": flag_key,
                                        "version": version, "flag": flag}),
                 ),
-                EventBody::Config { environment, reason } => {
-                    ("config", serde_json::json!({"environment": environment, "reason": reason.as_str()}))
-                }
+                EventBody::Config { environment, reason, valid_until } => (
+                    "config",
+                    serde_json::json!({"environment": environment, "reason": reason.as_str(),
+                                       "valid_until": valid_until.map(Timestamp::as_millis)}),
+                ),
                 _ => continue,
             };
             tx.execute(
