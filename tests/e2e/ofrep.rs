@@ -180,7 +180,7 @@ async fn bulk_evaluation_has_an_etag_answers_304_and_advertises_the_change_strea
 
 #[tokio::test]
 async fn evaluations_over_the_rate_limit_get_429_with_retry_after() {
-    let s = setup(&["--ofrep-rate-limit", "3"]).await;
+    let s = setup(&["--ofrep-rate-limit", "3", "--ofrep-burst", "3"]).await;
     let mut statuses = Vec::new();
     let mut retry_after = None;
     for _ in 0..6 {

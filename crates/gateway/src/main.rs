@@ -183,9 +183,13 @@ struct Serve {
     /// How long a change stream's getMore waits for changes.
     #[arg(long, env = "CHANGEGATE_MONGODB_MAX_AWAIT", default_value = "1s", value_parser = duration)]
     mongodb_max_await: Duration,
-    /// OFREP evaluations allowed per second per key (0: unlimited); over it, `429` + `Retry-After`.
-    #[arg(long, env = "CHANGEGATE_OFREP_RATE_LIMIT", default_value_t = 100)]
+    /// OFREP evaluations allowed per second per key, on average (0: unlimited); over it, `429`
+    /// + `Retry-After`. Server-side OFREP providers do not cache: every flag read is a request.
+    #[arg(long, env = "CHANGEGATE_OFREP_RATE_LIMIT", default_value_t = 5000)]
     ofrep_rate_limit: u32,
+    /// OFREP evaluations a key may make at once before the rate applies.
+    #[arg(long, env = "CHANGEGATE_OFREP_BURST", default_value_t = 10_000)]
+    ofrep_burst: u32,
     /// Label stream metrics with the tenant (one series per tenant: mind the cardinality).
     /// Tenant names are then visible to whoever reads `/metrics`: set `--metrics-token` too.
     #[arg(long, env = "CHANGEGATE_METRICS_TENANTS")]
@@ -381,7 +385,7 @@ async fn serve(args: Serve, database_url: Option<String>) -> anyhow::Result<()> 
         None => memory(&args, hub, jwt, limits)?,
     };
     let mut state = state;
-    state.ofrep_rate = changegate::ofrep::RateLimiter::new(args.ofrep_rate_limit);
+    state.ofrep_rate = changegate::ofrep::RateLimiter::new(args.ofrep_rate_limit, args.ofrep_burst);
     #[cfg(not(feature = "mongo"))]
     anyhow::ensure!(
         args.mongodb_url.is_none(),
