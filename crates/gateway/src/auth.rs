@@ -1,8 +1,9 @@
 //! Turning a request's credential into a [`Principal`], failing closed.
 //!
 //! Where a credential may come from, in order of precedence: `Authorization: Bearer <key or
-//! JWT>`, `apikey`, `X-API-Key`, and — on SSE GET routes only — the `apikey` query parameter. A
-//! header always wins over the query parameter. Only read-only keys may travel in a URL.
+//! JWT>` (or `Authorization: <key>` with no scheme, when it has our key syntax `flc_…`), `apikey`,
+//! `X-API-Key`, and — on SSE GET routes only — the `apikey` query parameter. A header always
+//! wins over the query parameter. Only read-only keys may travel in a URL.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -70,6 +71,10 @@ fn presented<'a>(
 ) -> Result<Presented<'a>, ApiError> {
     check_query(query, query_key)?;
     if let Some(authorization) = header(headers, AUTHORIZATION.as_str())? {
+        // Featureflip's SDK sends its key with no scheme: a value with our key syntax is a key.
+        if authorization.starts_with("flc_") && !authorization.contains(' ') {
+            return Ok(Presented::Header(authorization));
+        }
         let (scheme, value) = authorization.split_once(' ').unwrap_or((authorization, ""));
         if !scheme.eq_ignore_ascii_case("bearer") || value.trim().is_empty() {
             return Err(ApiError::BadAuthorization);

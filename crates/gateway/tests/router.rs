@@ -85,6 +85,16 @@ async fn credentials_are_taken_in_the_documented_order() {
     for (headers, status) in cases {
         assert_eq!(app.get(subscribe, headers).await.status(), status, "{headers:?}");
     }
+    // `Authorization: <key>` with no scheme (Featureflip's SDK) is a key when it looks like one;
+    // anything else without `Bearer` is refused — also when another header carries a good key.
+    let bare: [(&[(&str, &str)], StatusCode); 3] = [
+        (&[("authorization", anon.as_str())], StatusCode::OK),
+        (&[("authorization", anon.as_str()), ("x-api-key", "flc_anon_nope")], StatusCode::OK),
+        (&[("authorization", "Basic dXNlcjpwYXNz"), ("x-api-key", anon.as_str())], StatusCode::UNAUTHORIZED),
+    ];
+    for (headers, status) in bare {
+        assert_eq!(app.get(subscribe, headers).await.status(), status, "{headers:?}");
+    }
     // A read-only key may travel in the query string; a header wins over it.
     assert_eq!(app.get(&format!("{subscribe}&apikey={anon}"), &[]).await.status(), StatusCode::OK);
     let garbage = app.get(&format!("{subscribe}&apikey=garbage"), &[("apikey", anon.as_str())]).await;
