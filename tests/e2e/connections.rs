@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use changegate_e2e::{Gateway, PATIENCE};
+use changegate_e2e::{Gateway, PATIENCE, rss_bytes};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -162,12 +162,6 @@ async fn at_the_cap_streams_keep_flowing_operations_answer_others_get_503_and_it
     assert!(refused("at_cap") && refused("closed_at_accept"), "{metrics}");
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 /// Opens an SSE stream on a raw socket and reads until its first bytes (the `retry:` line).
 async fn idle_stream(gw: &Gateway, key: &str) -> TcpStream {
     let mut stream = connect(gw).await;
@@ -198,12 +192,12 @@ async fn an_idle_subscriber_costs_a_bounded_amount_of_gateway_memory() {
         streams.push(idle_stream(&gw, &key).await);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let before = rss_kib(gw.pid());
+    let before = rss_bytes(gw.pid());
     for _ in 0..STREAMS {
         streams.push(idle_stream(&gw, &key).await);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let per_stream = (rss_kib(gw.pid()).saturating_sub(before) * 1024) / STREAMS;
+    let per_stream = rss_bytes(gw.pid()).saturating_sub(before) / STREAMS;
     println!("an idle SSE subscriber costs {per_stream} B of gateway RSS (debug build)");
     assert!(per_stream <= BOUND_KIB * 1024, "{per_stream} B per idle subscriber (bound {BOUND_KIB} KiB)");
     drop(streams);

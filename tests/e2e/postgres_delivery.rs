@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use changegate_e2e::{Sse, TestDb, collection_path, seq};
+use changegate_e2e::{Sse, TestDb, collection_path, rss_bytes, seq};
 use serde_json::json;
 
 async fn titles(sse: &mut Sse, n: usize) -> Vec<(String, String)> {
@@ -269,13 +269,6 @@ async fn readiness_is_red_while_the_listen_connection_is_down_and_green_after() 
         assert!(tokio::time::Instant::now() < deadline, "readiness never turned green again");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// The gateway's resident memory, from /proc.
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
 }
 
 /// Reads raw SSE bytes until `wanted` events arrived (or the stream ends), checking that the

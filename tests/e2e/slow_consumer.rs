@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use changegate_e2e::{Gateway, PATIENCE, seq};
+use changegate_e2e::{Gateway, PATIENCE, rss_bytes, seq};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -138,12 +138,6 @@ async fn a_reader_that_never_reads_again_is_disconnected_after_the_write_timeout
         gw.sse(&format!("/v1/events/subscribe?topic=flood&apikey={}", gw.dev_key("anon")), &[]).await;
     let id = gw.publish(gw.dev_key("publish"), "flood", json!("after")).await;
     assert_eq!(fresh.next_event().await.id(), Some(id.as_str()));
-}
-
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
 }
 
 /// What a reader that stopped reading may pin in the gateway is bounded per connection: the

@@ -60,6 +60,14 @@ fn binary() -> PathBuf {
         .clone()
 }
 
+/// A process's resident memory in bytes, from `/proc/<pid>/status` (the gateway's, in the tests
+/// that bound what a connection or a catch-up may cost).
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc is readable");
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS is reported");
+    line.split_whitespace().nth(1).and_then(|kib| kib.parse::<u64>().ok()).expect("VmRSS in kB") * 1024
+}
+
 /// The `changegate` binary the tests run (built once per test process).
 pub fn changegate_binary() -> PathBuf {
     binary()
