@@ -515,3 +515,39 @@ async fn a_rotated_key_works_during_its_grace_then_its_streams_close(s: Setup) {
     s.gw.sse("/api/v1/flags/events", &[("x-api-key", &new_key)]).await;
     observer.assert_quiet(Duration::from_millis(100)).await;
 }
+
+/// Corrupt stored data is the server's failure, not the caller's: a 500 whose body names only a
+/// log id — the decoder's text, which could show stored data, goes to the log alone — and writes
+/// are refused rather than overwriting what cannot be read.
+#[tokio::test]
+async fn corrupt_stored_flags_are_a_500_with_a_log_id_and_no_internals() {
+    let s = postgres().await;
+    let db = s.db.as_ref().unwrap();
+    db.client
+        .batch_execute(
+            "insert into realtime.flag_state (tenant, environment, state)
+             values ('acme', 'production', '{\"flags\": \"secret-garbage\"}')
+             on conflict (tenant, environment) do update set state = excluded.state",
+        )
+        .await
+        .unwrap();
+    for (method, body) in [("GET", None), ("POST", Some(json!({"key": "new-flag"})))] {
+        let (status, answer) =
+            s.call(method, "/v1/flags?environment=production", &s.service, body, None).await;
+        assert_eq!((status, answer["error"]["code"].as_str()), (500, Some("internal")), "{method}: {answer}");
+        let message = answer["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("err-")
+                && !message.contains("secret-garbage")
+                && !message.contains("invalid type"),
+            "{message}"
+        );
+    }
+    let stored: String = db
+        .client
+        .query_one("select state::text from realtime.flag_state where tenant = 'acme' and environment = 'production'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(stored.contains("secret-garbage"), "the unreadable state was left alone: {stored}");
+}

@@ -233,8 +233,10 @@ impl Engine {
             Self::Memory { flags, .. } => Ok(flags.read(tenant, environment)?),
             Self::Postgres(engine) => {
                 let state = engine.store().flag_state(tenant, environment).await?;
-                Ok(serde_json::from_value(state)
-                    .map_err(|e| FlagError::Invalid(format!("stored flags: {e}")))?)
+                // Corrupt stored data is our failure, not the caller's: a 500 and a log line.
+                serde_json::from_value(state).map_err(|e| {
+                    ApiError::internal(&format!("unreadable stored flags of {tenant}/{environment}"), &e)
+                })
             }
         }
     }
@@ -251,13 +253,17 @@ impl Engine {
             Self::Postgres(engine) => {
                 let mut result = None;
                 let mut failure = None;
+                let mut corrupt = None;
                 engine
                     .store()
                     .write_flag_state(tenant, environment, |state, now| {
                         let mut env: FlagEnvironment = match serde_json::from_value(state.clone()) {
                             Ok(env) => env,
                             Err(e) => {
-                                failure = Some(FlagError::Invalid(format!("stored flags: {e}")));
+                                corrupt = Some(ApiError::internal(
+                                    &format!("unreadable stored flags of {tenant}/{environment}"),
+                                    &e,
+                                ));
                                 return None;
                             }
                         };
@@ -268,7 +274,7 @@ impl Engine {
                                 let state = match serde_json::to_value(&env) {
                                     Ok(state) => state,
                                     Err(e) => {
-                                        failure = Some(FlagError::Invalid(format!("flags: {e}")));
+                                        corrupt = Some(ApiError::internal("serialising flags", &e));
                                         return None;
                                     }
                                 };
@@ -283,6 +289,9 @@ impl Engine {
                         }
                     })
                     .await?;
+                if let Some(corrupt) = corrupt {
+                    return Err(corrupt);
+                }
                 match (result, failure) {
                     (Some(r), _) => Ok(r),
                     (None, Some(e)) => Err(e.into()),

@@ -76,9 +76,25 @@ pub enum ApiError {
     /// The gateway is shutting down or a dependency is down.
     #[error("{0}")]
     Unavailable(String),
+    /// Something that should not happen did (corrupt stored data, say). The details went to the
+    /// log under `id`; the client gets only the id, to quote when it reports the problem.
+    #[error("an internal error occurred; it was logged as {id}")]
+    Internal {
+        /// Correlates this answer with its log line.
+        id: String,
+    },
 }
 
 impl ApiError {
+    /// An internal error: logs `what` and `error` (never sent to the client) under a fresh id.
+    pub fn internal(what: &str, error: &dyn std::fmt::Display) -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = format!("err-{:x}-{n}", changegate_core::Timestamp::now().as_millis());
+        tracing::error!(error_id = %id, %error, "{what}");
+        Self::Internal { id }
+    }
+
     /// A 400 with a code and message.
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
         Self::BadRequest { code, message: message.into() }
@@ -104,6 +120,7 @@ impl ApiError {
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -127,6 +144,7 @@ impl ApiError {
             Self::NotFound(_) => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::Unavailable(_) => "unavailable",
+            Self::Internal { .. } => "internal",
         }
     }
 }

@@ -192,7 +192,8 @@ async fn load(
                 failure(StatusCode::NOT_FOUND, key, "FLAG_NOT_FOUND", &details)
             }
             (ApiError::Missing(details), None) => failure(StatusCode::BAD_REQUEST, None, "GENERAL", &details),
-            (error, _) => failure(StatusCode::INTERNAL_SERVER_ERROR, None, "GENERAL", &error.to_string()),
+            // Our messages for these are safe (internal details are logged, not in the text).
+            (error, _) => failure(error.status(), None, "GENERAL", &error.to_string()),
         })?;
     Ok((principal, environment, context, state))
 }

@@ -485,8 +485,11 @@ pub async fn open_stream(
     let hub = mongo.as_deref().map_or_else(|| app.engine.hub(), crate::mongo::hub);
     // Subscribe before reading the log: every event is then in the replay, the live stream,
     // or both (and the duplicates are skipped by position).
-    let subscription =
-        hub.subscribe(key.clone(), filter.clone()).await.map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    let subscription = hub.subscribe(key.clone(), filter.clone()).await.map_err(|e| {
+        // The reason may hold database or driver text: logged, not sent.
+        tracing::warn!(tenant = %key.tenant, error = %e, "could not open an upstream");
+        ApiError::Unavailable("the event source is unavailable; retry shortly".into())
+    })?;
     let mut prelude = vec![sse::hello(app.limits.retry)];
     let mut after = None;
     let mut backlog = None;
