@@ -31,10 +31,40 @@ async fn create_flags(gw: &Gateway, service: &str, banner_default: &str) {
 type Restart<'a> =
     Box<dyn FnOnce(Gateway) -> std::pin::Pin<Box<dyn std::future::Future<Output = Gateway> + 'a>> + 'a>;
 
-/// Runs `script` against `gw`, restarting the gateway with `restart` when the script asks;
+/// The SDKs under test: the script that drives each, and the module it imports.
+#[derive(Clone, Copy)]
+enum Sdk {
+    Togul,
+    Flipswitch,
+}
+
+impl Sdk {
+    fn script(self) -> &'static str {
+        match self {
+            Self::Togul => "togul_check.py",
+            Self::Flipswitch => "flipswitch_check.py",
+        }
+    }
+
+    fn module(self) -> &'static str {
+        match self {
+            Self::Togul => "togul",
+            Self::Flipswitch => "flipswitch",
+        }
+    }
+}
+
+/// Runs `sdk`'s script against `gw`, restarting the gateway with `restart` when the script asks;
 /// returns the script's observations.
-async fn run_script(script: &str, gw: Gateway, sdk: &str, service: &str, restart: Restart<'_>) -> Vec<Value> {
-    let Some(python) = venv_python("togul") else { return Vec::new() };
+async fn run_script(
+    sdk_under_test: Sdk,
+    gw: Gateway,
+    sdk: &str,
+    service: &str,
+    restart: Restart<'_>,
+) -> Vec<Value> {
+    let Some(python) = venv_python(sdk_under_test.module()) else { return Vec::new() };
+    let script = sdk_under_test.script();
     let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("sdks").join(script);
     let mut child = tokio::process::Command::new(python)
         .arg(path)
@@ -75,7 +105,7 @@ async fn run_script(script: &str, gw: Gateway, sdk: &str, service: &str, restart
     seen
 }
 
-fn assert_togul_steps(steps: &[Value]) {
+fn assert_steps(steps: &[Value]) {
     if steps.is_empty() {
         return; // skipped (said so)
     }
@@ -89,8 +119,7 @@ fn assert_togul_steps(steps: &[Value]) {
     assert_eq!(steps[5]["value"], "summer");
 }
 
-#[tokio::test]
-async fn togul_sdk_evaluates_and_follows_changes_on_the_memory_engine() {
+async fn on_the_memory_engine(sdk_under_test: Sdk) {
     let (sdk, service) = (test_key("sdk"), test_key("service"));
     let keys = json!([
         {"tenant": "acme", "scope": "sdk", "key": sdk, "environment": ENVIRONMENT},
@@ -113,12 +142,11 @@ async fn togul_sdk_evaluates_and_follows_changes_on_the_memory_engine() {
             gw
         })
     });
-    let steps = run_script("togul_check.py", gw, &sdk, &service, restart).await;
-    assert_togul_steps(&steps);
+    let steps = run_script(sdk_under_test, gw, &sdk, &service, restart).await;
+    assert_steps(&steps);
 }
 
-#[tokio::test]
-async fn togul_sdk_evaluates_and_follows_changes_on_postgresql() {
+async fn on_postgresql(sdk_under_test: Sdk) {
     let db = TestDb::new().await;
     db.setup(&["acme"], "service");
     db.cli(&["environments", "create", "--tenant", "acme", ENVIRONMENT]);
@@ -136,6 +164,26 @@ async fn togul_sdk_evaluates_and_follows_changes_on_postgresql() {
             db_ref.gateway_at(&listen, &["--retry", "300ms"]).await
         })
     });
-    let steps = run_script("togul_check.py", gw, &sdk, &service, restart).await;
-    assert_togul_steps(&steps);
+    let steps = run_script(sdk_under_test, gw, &sdk, &service, restart).await;
+    assert_steps(&steps);
+}
+
+#[tokio::test]
+async fn togul_sdk_evaluates_and_follows_changes_on_the_memory_engine() {
+    on_the_memory_engine(Sdk::Togul).await;
+}
+
+#[tokio::test]
+async fn togul_sdk_evaluates_and_follows_changes_on_postgresql() {
+    on_postgresql(Sdk::Togul).await;
+}
+
+#[tokio::test]
+async fn flipswitch_sdk_evaluates_and_follows_changes_on_the_memory_engine() {
+    on_the_memory_engine(Sdk::Flipswitch).await;
+}
+
+#[tokio::test]
+async fn flipswitch_sdk_evaluates_and_follows_changes_on_postgresql() {
+    on_postgresql(Sdk::Flipswitch).await;
 }
