@@ -7,6 +7,7 @@
 //! validating constructors, so an unvalidated name or a stream without a tenant cannot exist.
 
 pub mod auth;
+pub mod backoff;
 pub mod event;
 pub mod hub;
 pub mod memory;

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use bson::{Bson, Document, doc};
+use changegate_core::backoff::Backoff;
 use changegate_core::hub::{OpenFuture, Upstream, UpstreamError};
 use changegate_core::{
     CollectionName, Epoch, Event, EventBody, Feed, FeedKey, Frame, Hub, HubConfig, Position, ResetReason,
@@ -365,7 +366,7 @@ async fn watch(
     shared.enable_preimages(name).await;
     let mut ready = Some(ready);
     let mut resume: Option<ResumeToken> = None;
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::default();
     let Some(hub) = shared.hub.get().cloned() else { return };
     // One numbering for the feed's whole life, across reopens: a reset after a lost history is
     // numbered after every change already delivered, so no subscriber's seam skips it.
@@ -388,15 +389,14 @@ async fn watch(
                     return;
                 }
                 tracing::warn!(%error, "MongoDB change stream failed; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                tokio::time::sleep(backoff.next_wait()).await;
                 continue;
             }
         };
         if let Some(ready) = ready.take() {
             let _ = ready.send(Ok(()));
         }
-        backoff = Duration::from_millis(100);
+        backoff.reset();
         shared.open.fetch_add(1, Ordering::Relaxed);
         metrics::gauge!("changegate_mongo_change_streams_open").increment(1.0);
         loop {

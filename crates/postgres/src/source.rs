@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use changegate_core::backoff::Backoff;
 use changegate_core::hub::{OpenFuture, Upstream, UpstreamError};
 use changegate_core::{Epoch, Event, FeedKey, Frame, Hub};
 use futures_util::StreamExt;
@@ -99,12 +100,12 @@ impl Listener {
     /// Runs until cancelled: connect, serve, and on any loss reconnect with exponential backoff
     /// and jitter.
     pub(crate) async fn run(mut self) {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::default();
         let mut down_since: Option<Instant> = None;
         loop {
             match self.connect().await {
                 Ok((client, notifications)) => {
-                    backoff = Duration::from_millis(100);
+                    backoff.reset();
                     match self.session(&client, notifications, down_since).await {
                         Ended::Cancelled => return,
                         Ended::Lost(reason) => {
@@ -120,9 +121,7 @@ impl Listener {
             }
             self.ready.send_replace(false);
             metrics::gauge!("changegate_upstream_up", "upstream" => "postgres_listen").set(0.0);
-            let wait = backoff + jitter(backoff / 2);
-            backoff = (backoff * 2).min(Duration::from_secs(5));
-            if !self.wait_while_down(wait).await {
+            if !self.wait_while_down(backoff.next_wait()).await {
                 return;
             }
         }
@@ -325,10 +324,4 @@ impl Listener {
         listened.last = seq;
         self.hub.dispatch(&listened.key, Arc::new(Frame::new(event)));
     }
-}
-
-fn jitter(max: Duration) -> Duration {
-    let mut byte = [0u8; 2];
-    let _ = getrandom::fill(&mut byte);
-    max.mul_f64(f64::from(u16::from_le_bytes(byte)) / f64::from(u16::MAX))
 }
