@@ -4,26 +4,12 @@ Reads BASE, SDK_KEY, SERVICE_KEY and ENVIRONMENT from the environment. Prints on
 observation; exits non-zero on the first expectation that fails. Between its two phases it prints
 {"step": "restart"} and waits for a line on stdin: the test restarts the gateway on the same port.
 """
-import json
-import os
 import sys
 import threading
-import time
 
-import httpx
 from togul import Config, TogulAPIError, TogulClient, TogulStreamClient
 
-BASE, SDK_KEY, SERVICE_KEY, ENVIRONMENT = (os.environ[k] for k in ("BASE", "SDK_KEY", "SERVICE_KEY", "ENVIRONMENT"))
-
-
-def say(**what):
-    print(json.dumps(what), flush=True)
-
-
-def patch(flag, body):
-    response = httpx.patch(f"{BASE}/v1/flags/{flag}?environment={ENVIRONMENT}", headers={"apikey": SERVICE_KEY}, json=body)
-    assert response.status_code == 200, (response.status_code, response.text)
-
+from common import BASE, ENVIRONMENT, SDK_KEY, Changes, say
 
 # Polling off: results stay cached for an hour; only the stream's invalidations refresh them.
 config = Config(api_key=SDK_KEY, environment=ENVIRONMENT, base_url=BASE, cache_ttl=3600)
@@ -42,39 +28,20 @@ except TogulAPIError as error:
     say(step="missing", status=error.status_code, code=error.error_code)
     assert (error.status_code, error.error_code) == (404, "flag_not_found"), vars(error)
 
-invalidated = []
-seen = threading.Event()
-
-
-def on_invalidated(flag_key):
-    invalidated.append(flag_key)
-    seen.set()
-
-
+changes = Changes()
 stream = TogulStreamClient(config, client.cache)
-stream.on_cache_invalidated(on_invalidated)
+stream.on_cache_invalidated(changes.record)
 threading.Thread(target=stream.connect, daemon=True).start()
 
 
-def change_until_seen(flag, body, within=15.0):
-    """Changes `flag` until the SDK's stream reports it (the stream may still be connecting)."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        seen.clear()
-        patch(flag, body)
-        if seen.wait(1.0) and flag in invalidated:
-            return
-    raise AssertionError(f"no invalidation of {flag} within {within} s: {invalidated}")
-
-
-change_until_seen("banner", {"defaultVariant": "winter", "rules": []})
+changes.change_until_seen("banner", {"defaultVariant": "winter", "rules": []})
 after = client.evaluate("banner", {"user_id": "u-1", "country": "NL"})
 say(step="after-change", value=after.value, reason=after.reason)
 assert (after.value, after.reason) == ("winter", "default"), after
 
 say(step="restart")
 sys.stdin.readline()
-change_until_seen("banner", {"defaultVariant": "summer"})
+changes.change_until_seen("banner", {"defaultVariant": "summer"})
 again = client.evaluate("banner", {"user_id": "u-1"})
 say(step="after-restart", value=again.value)
 assert again.value == "summer", again
