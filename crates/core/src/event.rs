@@ -255,9 +255,11 @@ pub enum Dialect {
     FlagsC = 3,
     /// `/ofrep/v1/events`: `refetchEvaluation` notices.
     Ofrep = 4,
+    /// `/v1/sdk/stream`: Featureflip's `flag.created|updated|deleted` with `{"key"}`.
+    Featureflip = 5,
 }
 
-const DIALECTS: usize = 5;
+const DIALECTS: usize = 6;
 
 /// An event as the hub fans it out: the event plus its per-dialect encodings, computed lazily
 /// once and then shared (as cheap `Bytes` clones) by every subscriber.

@@ -97,6 +97,27 @@ pub fn encode_ofrep(event: &Event) -> Bytes {
     message(Some(&id), None, &data.to_string())
 }
 
+/// Featureflip's SDK stream (`/v1/sdk/stream`): `event: flag.created|flag.updated|flag.deleted`
+/// with `{"key"}` and `id:`. The SDK refetches the flag it names; rule changes and changes of a
+/// segment the flag uses are `flag.updated` (rules carry their segments' conditions inlined,
+/// see [`crate::featureflip`]).
+pub fn encode_featureflip(event: &Event) -> Bytes {
+    let EventBody::Flag { kind, flag_key, .. } = &event.body else {
+        return Bytes::new();
+    };
+    let name = match kind {
+        FlagEventKind::FlagCreated => "flag.created",
+        FlagEventKind::FlagDeleted => "flag.deleted",
+        FlagEventKind::FlagUpdated
+        | FlagEventKind::RuleCreated
+        | FlagEventKind::RuleUpdated
+        | FlagEventKind::RuleDeleted
+        | FlagEventKind::SegmentChanged => "flag.updated",
+    };
+    let id = event.position.to_string();
+    message(Some(&id), Some(name), &json!({ "key": flag_key }).to_string())
+}
+
 /// Dialect C's heartbeat event.
 pub const HEARTBEAT_C: &[u8] = b"event: heartbeat\ndata: {}\n\n";
 
@@ -170,6 +191,28 @@ mod tests {
         assert_eq!(
             text(&ping_b(Timestamp::from_millis(1_771_255_800_456))),
             "event: ping\ndata: {\"timestamp\":\"2026-02-16T15:30:00Z\"}\n\n"
+        );
+    }
+
+    #[test]
+    fn featureflip_bytes_name_the_flag_to_refetch() {
+        let names: Vec<String> = FlagEventKind::ALL
+            .iter()
+            .map(|kind| text(&encode_featureflip(&event(flag(*kind)))).to_owned())
+            .collect();
+        let expect =
+            |name: &str| format!("event: {name}\nid: 000000ab-9\ndata: {{\"key\":\"dark-mode\"}}\n\n");
+        assert_eq!(
+            names,
+            [
+                expect("flag.created"),
+                expect("flag.updated"),
+                expect("flag.deleted"),
+                expect("flag.updated"),
+                expect("flag.updated"),
+                expect("flag.updated"),
+                expect("flag.updated"),
+            ]
         );
     }
 

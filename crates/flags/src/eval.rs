@@ -1,15 +1,16 @@
 //! Flag evaluation: rules by priority, conditions on context attributes, segment membership,
 //! and percentage rollouts with a stable hash.
 //!
-//! **Rollout bucket** (documented, stable across instances and restarts): the first 8 bytes of
-//! `SHA-256("<flag key>/<targetingKey>")` as a big-endian `u64`, modulo 10 000; a rollout's
-//! shares are laid out in order over 0‥10 000 (weight × 100 each).
+//! **Rollout bucket** (documented, stable across instances and restarts): the first 4 bytes of
+//! `MD5("<flag key>:<targetingKey>")` as a little-endian `u32`, modulo 100; a rollout's shares
+//! are laid out in order over 0‥100. It is Featureflip's formula (salt = the flag key), so its
+//! SDK, which evaluates locally, puts every user in the same share as the server does.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
+use md5::{Digest, Md5};
 use serde_json::{Map, Value};
-use sha2::{Digest, Sha256};
 
 use crate::model::{Condition, Flag, Operator, Rule, Segment};
 
@@ -60,12 +61,10 @@ pub enum EvalError {
     TargetingKeyMissing,
 }
 
-/// The rollout bucket of `targeting_key` for `flag_key`, in 0‥10 000.
+/// The rollout bucket of `targeting_key` for `flag_key`, in 0‥100.
 pub fn bucket(flag_key: &str, targeting_key: &str) -> u32 {
-    let digest = Sha256::digest(format!("{flag_key}/{targeting_key}").as_bytes());
-    let mut first = [0u8; 8];
-    first.copy_from_slice(&digest[..8]);
-    u32::try_from(u64::from_be_bytes(first) % 10_000).unwrap_or(0)
+    let digest = Md5::digest(format!("{flag_key}:{targeting_key}").as_bytes());
+    u32::from_le_bytes([digest[0], digest[1], digest[2], digest[3]]) % 100
 }
 
 /// Evaluates `flag` for `context` against the environment's `segments`.
@@ -99,7 +98,7 @@ pub fn evaluate(
             let point = bucket(&flag.key, key);
             let mut upper = 0;
             for share in shares {
-                upper += share.weight * 100;
+                upper += share.weight;
                 if point < upper {
                     return Ok(serve(&share.variant, Reason::Split));
                 }
@@ -311,7 +310,7 @@ mod tests {
         for (user, b) in fixed {
             let served = evaluate(&f, &none, &ctx(json!({"targetingKey": user}))).unwrap();
             assert_eq!(served.reason, Reason::Split);
-            assert_eq!(served.variant, if b < 5000 { "a" } else { "b" });
+            assert_eq!(served.variant, if b < 50 { "a" } else { "b" });
         }
         // Over many users the split is close to the weights.
         let a = (0..10_000)
@@ -324,11 +323,11 @@ mod tests {
 
     #[test]
     fn the_bucket_hash_is_pinned() {
-        // Changing the hash would move every user to another share. These values come from an
-        // independent implementation (Python's hashlib) of the documented formula.
-        assert_eq!(bucket("checkout", "user-1"), 8861);
-        assert_eq!(bucket("checkout", "user-2"), 4810);
-        assert_eq!(bucket("checkout", "user-3"), 4404);
+        // Changing the hash would move every user to another share. These values come from the
+        // published Featureflip SDK's own `FlagEvaluator.compute_bucket("checkout", user)`.
+        assert_eq!(bucket("checkout", "user-1"), 43);
+        assert_eq!(bucket("checkout", "user-2"), 85);
+        assert_eq!(bucket("checkout", "user-3"), 5);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 pub mod dialect;
 pub mod eval;
+pub mod featureflip;
 pub mod memory;
 pub mod model;
 pub mod store;

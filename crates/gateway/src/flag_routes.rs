@@ -17,7 +17,7 @@ use crate::error::ApiError;
 use crate::routes::{AppState, Resume, open_stream};
 use crate::sse::Wire;
 
-fn query_param(raw: Option<&str>, name: &str) -> Result<Option<String>, ApiError> {
+pub(crate) fn query_param(raw: Option<&str>, name: &str) -> Result<Option<String>, ApiError> {
     let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.unwrap_or(""))
         .map_err(|_| ApiError::bad_request("invalid_query", "the query string is not valid URL encoding"))?;
     Ok(pairs.into_iter().find(|(n, _)| n == name).map(|(_, v)| v))
@@ -64,7 +64,7 @@ impl FromRequestParts<AppState> for Scoped {
 
 /// The environment a management request acts on: `?environment=`, or the key's own; a key
 /// limited to one environment cannot act on another.
-fn environment(principal: &Principal, raw: Option<&str>) -> Result<EnvironmentId, ApiError> {
+pub(crate) fn environment(principal: &Principal, raw: Option<&str>) -> Result<EnvironmentId, ApiError> {
     let asked = query_param(raw, "environment")?;
     let asked = asked
         .as_deref()

@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod engine;
 pub mod error;
+pub mod featureflip;
 pub mod flag_routes;
 pub mod jwt;
 pub mod keys;

@@ -216,6 +216,10 @@ api! {
     "/ofrep/v1/evaluate/flags" => post(crate::ofrep::evaluate_bulk),
     "/ofrep/v1/events" => get(crate::ofrep::events),
     "/api/v1/evaluate" => post(crate::togul::evaluate),
+    "/v1/sdk/flags" => get(crate::featureflip::flags),
+    "/v1/sdk/flags/{key}" => get(crate::featureflip::flag),
+    "/v1/sdk/stream" => get(crate::featureflip::stream),
+    "/v1/sdk/events" => post(crate::featureflip::events),
 }
 
 /// The OpenAPI 3.1 document of every route.
@@ -461,6 +465,9 @@ pub enum Resume {
     Since(u64),
     /// After this MongoDB resume token.
     Token(ResumeToken),
+    /// From now, after a snapshot of the state: the future is awaited only once the stream
+    /// is subscribed, so every change is in the snapshot, the live stream, or both.
+    Snapshot(futures_util::future::BoxFuture<'static, Result<axum::body::Bytes, ApiError>>),
 }
 
 /// Subscribes, replays what the client missed, and streams the rest in `wire`'s dialect.
@@ -500,6 +507,7 @@ pub async fn open_stream(
     let cap = app.limits.replay_max;
     match resume {
         None => {}
+        Some(Resume::Snapshot(snapshot)) => prelude.push(snapshot.await?),
         // A MongoDB change stream is its own log: catch up from the token with a stream of
         // its own; live events up to the last caught-up one are then skipped.
         Some(Resume::Token(token)) => match mongo.as_ref() {

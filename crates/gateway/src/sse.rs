@@ -146,6 +146,9 @@ pub enum Wire {
     },
     /// `/ofrep/v1/events`: `refetchEvaluation` notices, a burst coalesced into one.
     Ofrep,
+    /// `/v1/sdk/stream`: Featureflip's SDK stream (a `sync` snapshot first, then the flags to
+    /// refetch).
+    Featureflip,
 }
 
 impl Wire {
@@ -157,6 +160,7 @@ impl Wire {
             Self::FlagsA => frame.encoded(Dialect::FlagsA, dialect::encode_a),
             Self::FlagsB => frame.encoded(Dialect::FlagsB, dialect::encode_b),
             Self::Ofrep => frame.encoded(Dialect::Ofrep, dialect::encode_ofrep),
+            Self::Featureflip => frame.encoded(Dialect::Featureflip, dialect::encode_featureflip),
             Self::FlagsC { last_id } => {
                 let block = frame.encoded(Dialect::FlagsC, dialect::encode_c);
                 if block.is_empty() {
@@ -178,13 +182,14 @@ impl Wire {
             Self::FlagsB => "/stream",
             Self::FlagsC { .. } => "/api/v1/flags/events",
             Self::Ofrep => "/ofrep/v1/events",
+            Self::Featureflip => "/v1/sdk/stream",
         }
     }
 
     fn heartbeat(&self) -> Bytes {
         match self {
             Self::Realtime | Self::FlagsA | Self::Ofrep => Bytes::from_static(HEARTBEAT),
-            Self::FlagsB => dialect::ping_b(Timestamp::now()),
+            Self::FlagsB | Self::Featureflip => dialect::ping_b(Timestamp::now()),
             Self::FlagsC { .. } => Bytes::from_static(dialect::HEARTBEAT_C),
         }
     }
