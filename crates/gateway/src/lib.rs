@@ -6,6 +6,7 @@
 //! never logs a credential — not even inside a URL.
 
 pub mod auth;
+pub mod direct;
 pub mod engine;
 pub mod error;
 pub mod featureflip;

@@ -32,6 +32,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::direct::{self, Head, Rewind};
 use crate::error::ApiError;
 use crate::stall::Guarded;
 
@@ -157,7 +158,6 @@ pub async fn serve(
             log.warn("operations routes only", count);
         }
         let _ = stream.set_nodelay(true);
-        let io = TokioIo::new(Guarded::new(stream, limits.write_timeout));
         let service = if over_cap {
             router.clone().layer(axum::middleware::from_fn(reserved_only))
         } else {
@@ -165,6 +165,31 @@ pub async fn serve(
         };
         let (closing, alive) = (closing.clone(), alive.clone());
         tokio::spawn(async move {
+            let mut stream = stream;
+            // Streams are served by `direct` once their head is read; the rest by hyper, with
+            // the bytes read so far put back. Beyond the cap everything goes to hyper.
+            let mut prefix = Vec::new();
+            if !over_cap {
+                let head = tokio::select! {
+                    () = closing.cancelled() => return drop((guard, alive)),
+                    head = tokio::time::timeout(limits.header_timeout, direct::read_head(&mut stream)) => head,
+                };
+                match head {
+                    Err(_elapsed) => return finished_head_timeout(guard, alive),
+                    Ok(Head::Closed) => return drop((guard, alive)),
+                    Ok(Head::Complete(bytes)) => match direct::take(&bytes) {
+                        Some(request) => {
+                            drop(bytes);
+                            let Ok(response) = tower::ServiceExt::oneshot(service, request).await;
+                            direct::respond(stream, response, limits.write_timeout).await;
+                            return drop((guard, alive));
+                        }
+                        None => prefix = bytes,
+                    },
+                    Ok(Head::Other(bytes)) => prefix = bytes,
+                }
+            }
+            let io = TokioIo::new(Rewind::new(prefix, Guarded::new(stream, limits.write_timeout)));
             let mut http = hyper::server::conn::http1::Builder::new();
             // hyper queues response bytes up to `max_buf_size` per connection (default ~400 KB):
             // a thousand readers that stopped reading would pin 400 MB. A stream needs far less —
@@ -187,6 +212,13 @@ pub async fn serve(
     }
     drop(alive);
     all_closed.closed().await;
+}
+
+/// A connection that sent no complete request head in time.
+fn finished_head_timeout<T>(guard: Open, alive: T) {
+    metrics::counter!("changegate_connections_refused_total", "reason" => "header_timeout").increment(1);
+    tracing::debug!("closed a connection that sent no complete request head in time");
+    drop((guard, alive));
 }
 
 fn finished(result: Result<(), hyper::Error>) {
