@@ -5,9 +5,10 @@
 //! processes on one machine, and is a lower bound for the gateway alone.
 
 mod process;
+mod servers;
 mod sse;
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,6 +40,8 @@ enum Scenario {
         /// How long to watch idle CPU.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        #[command(flatten)]
+        external: servers::External,
     },
     /// S subscribers on one topic; publish at stepped rates; deliveries/s and latency.
     Fanout {
@@ -47,6 +50,24 @@ enum Scenario {
         /// Publishes per second, one step each.
         #[arg(long, value_delimiter = ',', default_value = "10,100,1000")]
         rates: Vec<u64>,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        #[command(flatten)]
+        external: servers::External,
+    },
+    /// `idle` and `fanout` against changegate, nginx + nchan (installed with apt-get if missing)
+    /// and a naive Node SSE server, each started fresh, back to back: one table with ratios.
+    Compare {
+        /// Idle connections.
+        #[arg(long, default_value_t = 10_000)]
+        connections: usize,
+        /// Fan-out subscribers.
+        #[arg(long, default_value_t = 1000)]
+        subscribers: usize,
+        /// Fan-out publish rates, one step each.
+        #[arg(long, value_delimiter = ',', default_value = "100,1000")]
+        rates: Vec<u64>,
+        /// Seconds per step.
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
@@ -151,7 +172,7 @@ fn report(scenario: &str, record: Value, row: String) {
 }
 
 async fn subscribe_many(
-    gw: &Gateway,
+    server: SocketAddr,
     n: usize,
     path: &dyn Fn(usize) -> (String, String, Option<String>),
     until: Option<u64>,
@@ -160,7 +181,7 @@ async fn subscribe_many(
     let mut handles = Vec::with_capacity(n);
     for i in 0..n {
         let (p, key, tenant) = path(i);
-        let target = sse::Target { server: gw.address, local: source(i), path: &p, key: &key, last_id: None };
+        let target = sse::Target { server, local: source(i), path: &p, key: &key, last_id: None };
         let handle = sse::open(target, sse::Expect { tenant, until }, stop.clone())
             .await
             .with_context(|| format!("opening subscriber {i}"))?;
@@ -213,9 +234,14 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let binary = cli.gateway.unwrap_or_else(process::default_binary);
     match cli.scenario {
-        Scenario::Idle { connections, seconds } => idle(&binary, connections, seconds).await,
-        Scenario::Fanout { subscribers, rates, seconds } => {
-            fanout(&binary, subscribers, &rates, seconds).await
+        Scenario::Idle { connections, seconds, external } => {
+            idle(&binary, connections, seconds, &external).await
+        }
+        Scenario::Fanout { subscribers, rates, seconds, external } => {
+            fanout(&binary, subscribers, &rates, seconds, &external).await
+        }
+        Scenario::Compare { connections, subscribers, rates, seconds } => {
+            servers::compare(&binary, connections, subscribers, &rates, seconds).await
         }
         Scenario::Postgres { subscribers, rates, seconds, rows_per_commit, database_url } => {
             postgres(&binary, subscribers, &rates, seconds, rows_per_commit, &database_url).await
@@ -299,37 +325,23 @@ async fn stalled(
     Ok(())
 }
 
-async fn idle(binary: &std::path::Path, connections: usize, seconds: u64) -> anyhow::Result<()> {
-    let (keys_file, keys) = keys(1)?;
-    let gw = Gateway::start(binary, &["--keys".into(), keys_file.display().to_string()], &[]).await?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let before = gw.rss_kib();
-    let (stop_tx, stop) = watch::channel(false);
-    let key = keys[0].0.clone();
-    let started = Instant::now();
-    let handles = subscribe_many(
-        &gw,
-        connections,
-        &|_| ("/v1/events/subscribe?topic=idle".into(), key.clone(), None),
-        None,
-        &stop,
-    )
-    .await?;
-    let connect_s = started.elapsed().as_secs_f64();
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let after = gw.rss_kib();
-    let ticks = gw.cpu_ticks();
-    tokio::time::sleep(Duration::from_secs(seconds)).await;
-    let cpu = (gw.cpu_ticks() - ticks) as f64 / 100.0 / seconds as f64 * 100.0;
-    let per_conn = (after.saturating_sub(before)) as f64 * 1024.0 / connections as f64;
-    let _ = stop_tx.send(true);
-    collect(handles).await;
+async fn idle(
+    binary: &std::path::Path,
+    connections: usize,
+    seconds: u64,
+    external: &servers::External,
+) -> anyhow::Result<()> {
+    let server = match servers::external(external)? {
+        Some(server) => server,
+        None => servers::changegate(binary, "idle").await?,
+    };
+    let idle = servers::idle_on(&server, connections, seconds).await?;
     report(
         "idle",
-        json!({"connections": connections, "rss_before_kib": before, "rss_after_kib": after,
-               "bytes_per_connection": per_conn, "idle_cpu_percent": cpu, "connect_seconds": connect_s}),
+        idle.record,
         format!(
-            "{connections} conns | {per_conn:.0} B RSS/conn | {cpu:.2} % idle CPU | connected in {connect_s:.1} s"
+            "{connections} conns | {:.0} B RSS/conn | {:.2} % idle CPU | connected in {:.1} s",
+            idle.bytes_per_connection, idle.cpu_percent, idle.connect_seconds
         ),
     );
     Ok(())
@@ -340,50 +352,15 @@ async fn fanout(
     subscribers: usize,
     rates: &[u64],
     seconds: u64,
+    external: &servers::External,
 ) -> anyhow::Result<()> {
-    let (keys_file, keys) = keys(1)?;
-    let gw = Gateway::start(binary, &["--keys".into(), keys_file.display().to_string()], &[]).await?;
+    let server = match servers::external(external)? {
+        Some(server) => server,
+        None => servers::changegate(binary, "fan").await?,
+    };
     for &rate in rates {
-        let (stop_tx, stop) = watch::channel(false);
-        let anon = keys[0].0.clone();
-        let handles = subscribe_many(
-            &gw,
-            subscribers,
-            &|_| ("/v1/events/subscribe?topic=fan".into(), anon.clone(), None),
-            None,
-            &stop,
-        )
-        .await?;
-        // Let the connection storm settle before measuring.
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let started = Instant::now();
-        let ticks = gw.cpu_ticks();
-        let sent =
-            publish_at(format!("http://{}", gw.address), keys[0].1.clone(), "fan", "t0", rate, seconds).await;
-        let publish_s = started.elapsed().as_secs_f64();
-        // Let the tail arrive, then stop everyone.
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let cpu_s = (gw.cpu_ticks() - ticks) as f64 / 100.0;
-        let _ = stop_tx.send(true);
-        let seen = collect(handles).await;
-        let delivered: u64 = seen.iter().map(|s| s.events).sum();
-        let cut = seen.iter().filter(|s| s.ended_by_server).count();
-        let expected = sent * subscribers as u64;
-        let p = percentiles(seen.into_iter().flat_map(|s| s.latencies_us).collect());
-        let per_s = delivered as f64 / publish_s;
-        let cpu_us_per_delivery = cpu_s * 1e6 / delivered.max(1) as f64;
-        report(
-            "fanout",
-            json!({"subscribers": subscribers, "rate": rate, "seconds": seconds, "published": sent,
-                   "delivered": delivered, "expected": expected, "slow_consumer_cuts": cut,
-                   "deliveries_per_second": per_s, "gateway_cpu_seconds": cpu_s,
-                   "gateway_cpu_us_per_delivery": cpu_us_per_delivery,
-                   "p50_ms": p.p50, "p90_ms": p.p90, "p99_ms": p.p99, "max_ms": p.max}),
-            format!(
-                "{subscribers} subs × {rate} msg/s | {per_s:.0} deliveries/s ({delivered}/{expected}, {cut} cut) | gateway {cpu_us_per_delivery:.2} µs CPU/delivery | p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-                p.p50, p.p90, p.p99, p.max
-            ),
-        );
+        let step = servers::fanout_on(&server, subscribers, rate, seconds).await?;
+        report("fanout", step.record, step.row);
     }
     Ok(())
 }
@@ -428,7 +405,7 @@ async fn postgres(
     for &rate in rates {
         let (stop_tx, stop) = watch::channel(false);
         let handles = subscribe_many(
-            &gw,
+            gw.address,
             subscribers,
             &|_| ("/v1/events/subscribe?collection=bench".into(), key.clone(), None),
             None,
@@ -496,7 +473,7 @@ async fn tenants_scenario(
     let per_tenant = subscribers;
     let k = keys.clone();
     let handles = subscribe_many(
-        &gw,
+        gw.address,
         tenants * per_tenant,
         &|i| {
             (
@@ -543,7 +520,8 @@ async fn reconnect(binary: &std::path::Path, clients: usize, rate: u64, seconds:
     let anon = keys[0].0.clone();
     let path = "/v1/events/subscribe?topic=re";
     let (stop_tx, stop) = watch::channel(false);
-    let first = subscribe_many(&gw, clients, &|_| (path.into(), anon.clone(), None), None, &stop).await?;
+    let first =
+        subscribe_many(gw.address, clients, &|_| (path.into(), anon.clone(), None), None, &stop).await?;
     let base = format!("http://{}", gw.address);
     let total = rate * seconds * 2;
     let publisher = tokio::spawn(publish_at(base, keys[0].1.clone(), "re", "t0", rate, seconds * 2));

@@ -37,7 +37,7 @@ pub struct Target<'a> {
     pub local: IpAddr,
     /// Path and query.
     pub path: &'a str,
-    /// Sent in the `apikey` header.
+    /// Sent in the `apikey` header (empty: none).
     pub key: &'a str,
     /// Sent as `Last-Event-ID`.
     pub last_id: Option<&'a str>,
@@ -65,7 +65,8 @@ pub async fn open(
     socket.bind(SocketAddr::new(local, 0))?;
     let mut stream: TcpStream = socket.connect(server).await?;
     let resume = last_id.map(|id| format!("Last-Event-ID: {id}\r\n")).unwrap_or_default();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: bench\r\napikey: {key}\r\n{resume}\r\n");
+    let auth = if key.is_empty() { String::new() } else { format!("apikey: {key}\r\n") };
+    let request = format!("GET {path} HTTP/1.1\r\nHost: bench\r\n{auth}{resume}\r\n");
     stream.write_all(request.as_bytes()).await?;
     let mut buffer = Vec::with_capacity(8192);
     let mut chunk = [0u8; 8192];

@@ -28,7 +28,7 @@ use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -165,48 +165,7 @@ pub async fn serve(
         };
         let (closing, alive) = (closing.clone(), alive.clone());
         tokio::spawn(async move {
-            let mut stream = stream;
-            // Streams are served by `direct` once their head is read; the rest by hyper, with
-            // the bytes read so far put back. Beyond the cap everything goes to hyper.
-            let mut prefix = Vec::new();
-            if !over_cap {
-                let head = tokio::select! {
-                    () = closing.cancelled() => return drop((guard, alive)),
-                    head = tokio::time::timeout(limits.header_timeout, direct::read_head(&mut stream)) => head,
-                };
-                match head {
-                    Err(_elapsed) => return finished_head_timeout(guard, alive),
-                    Ok(Head::Closed) => return drop((guard, alive)),
-                    Ok(Head::Complete(bytes)) => match direct::take(&bytes) {
-                        Some(request) => {
-                            drop(bytes);
-                            let Ok(response) = tower::ServiceExt::oneshot(service, request).await;
-                            direct::respond(stream, response, limits.write_timeout).await;
-                            return drop((guard, alive));
-                        }
-                        None => prefix = bytes,
-                    },
-                    Ok(Head::Other(bytes)) => prefix = bytes,
-                }
-            }
-            let io = TokioIo::new(Rewind::new(prefix, Guarded::new(stream, limits.write_timeout)));
-            let mut http = hyper::server::conn::http1::Builder::new();
-            // hyper queues response bytes up to `max_buf_size` per connection (default ~400 KB):
-            // a thousand readers that stopped reading would pin 400 MB. A stream needs far less —
-            // a lagging one is cut off by the hub anyway.
-            http.timer(TokioTimer::new())
-                .header_read_timeout(limits.header_timeout)
-                .keep_alive(!over_cap)
-                .max_buf_size(MAX_BUF);
-            let connection = http.serve_connection(io, TowerToHyperService::new(service)).with_upgrades();
-            tokio::pin!(connection);
-            tokio::select! {
-                result = connection.as_mut() => finished(result),
-                () = closing.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    finished(connection.await);
-                }
-            }
+            connection(stream, service, limits, over_cap, &closing).await;
             drop((guard, alive));
         });
     }
@@ -214,11 +173,80 @@ pub async fn serve(
     all_closed.closed().await;
 }
 
+/// Serves one accepted connection to its end. Streams are served by [`direct`] once their
+/// head is read; the rest by hyper, with the bytes read so far put back. Beyond the cap
+/// everything goes to hyper.
+async fn connection(
+    mut stream: TcpStream,
+    service: Router,
+    limits: ConnectionLimits,
+    over_cap: bool,
+    closing: &CancellationToken,
+) {
+    let mut prefix = Vec::new();
+    if !over_cap {
+        let head = tokio::select! {
+            () = closing.cancelled() => return,
+            head = tokio::time::timeout(limits.header_timeout, direct::read_head(&mut stream)) => head,
+        };
+        match head {
+            Err(_elapsed) => return head_timed_out(),
+            Ok(Head::Closed) => return,
+            Ok(Head::Complete(bytes)) => match direct::take(&bytes) {
+                Some(request) => {
+                    drop(bytes);
+                    let Ok(response) = tower::ServiceExt::oneshot(service, request).await;
+                    return direct::respond(stream, response, limits.write_timeout).await;
+                }
+                None => prefix = bytes,
+            },
+            Ok(Head::Other(bytes)) => prefix = bytes,
+        }
+    }
+    // Boxed: hyper's connection state is large, and an idle stream's task should not carry
+    // room for it.
+    Box::pin(with_hyper(
+        Rewind::new(prefix, Guarded::new(stream, limits.write_timeout)),
+        service,
+        limits,
+        over_cap,
+        closing,
+    ))
+    .await;
+}
+
+/// Serves a connection with hyper until it ends (or, on shutdown, its response is done).
+async fn with_hyper(
+    io: Rewind<Guarded>,
+    service: Router,
+    limits: ConnectionLimits,
+    over_cap: bool,
+    closing: &CancellationToken,
+) {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    // hyper queues response bytes up to `max_buf_size` per connection (default ~400 KB): a
+    // thousand readers that stopped reading would pin 400 MB. A stream needs far less — a
+    // lagging one is cut off by the hub anyway.
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .keep_alive(!over_cap)
+        .max_buf_size(MAX_BUF);
+    let connection =
+        http.serve_connection(TokioIo::new(io), TowerToHyperService::new(service)).with_upgrades();
+    tokio::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => finished(result),
+        () = closing.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            finished(connection.await);
+        }
+    }
+}
+
 /// A connection that sent no complete request head in time.
-fn finished_head_timeout<T>(guard: Open, alive: T) {
+fn head_timed_out() {
     metrics::counter!("changegate_connections_refused_total", "reason" => "header_timeout").increment(1);
     tracing::debug!("closed a connection that sent no complete request head in time");
-    drop((guard, alive));
 }
 
 fn finished(result: Result<(), hyper::Error>) {
