@@ -40,6 +40,10 @@ enum Scenario {
         /// How long to watch idle CPU.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        /// Run the gateway on PostgreSQL (a fresh `changegate_bench` database on this server),
+        /// the connections subscribed to a captured table; default: the memory engine.
+        #[arg(long)]
+        database_url: Option<String>,
         #[command(flatten)]
         external: servers::External,
     },
@@ -234,8 +238,8 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let binary = cli.gateway.unwrap_or_else(process::default_binary);
     match cli.scenario {
-        Scenario::Idle { connections, seconds, external } => {
-            idle(&binary, connections, seconds, &external).await
+        Scenario::Idle { connections, seconds, database_url, external } => {
+            idle(&binary, connections, seconds, database_url.as_deref(), &external).await
         }
         Scenario::Fanout { subscribers, rates, seconds, external } => {
             fanout(&binary, subscribers, &rates, seconds, &external).await
@@ -329,11 +333,17 @@ async fn idle(
     binary: &std::path::Path,
     connections: usize,
     seconds: u64,
+    database_url: Option<&str>,
     external: &servers::External,
 ) -> anyhow::Result<()> {
-    let server = match servers::external(external)? {
-        Some(server) => server,
-        None => servers::changegate(binary, "idle").await?,
+    let server = match (servers::external(external)?, database_url) {
+        (Some(server), _) => server,
+        (None, Some(url)) => {
+            let (url, key) = bench_database(binary, url).await?;
+            let gw = Gateway::start(binary, &[], &[("DATABASE_URL".into(), url)]).await?;
+            servers::Server::subscribe_only(gw, "/v1/events/subscribe?collection=bench", &key)
+        }
+        (None, None) => servers::changegate(binary, "idle").await?,
     };
     let idle = servers::idle_on(&server, connections, seconds).await?;
     report(
@@ -365,14 +375,9 @@ async fn fanout(
     Ok(())
 }
 
-async fn postgres(
-    binary: &std::path::Path,
-    subscribers: usize,
-    rates: &[u64],
-    seconds: u64,
-    rows: u32,
-    server: &str,
-) -> anyhow::Result<()> {
+/// A fresh `changegate_bench` database on `server`: migrated, tenant `t0` with an anon key, and
+/// a captured table `bench`. Returns its URL and the key.
+async fn bench_database(binary: &std::path::Path, server: &str) -> anyhow::Result<(String, String)> {
     let (admin, connection) = tokio_postgres::connect(server, tokio_postgres::NoTls).await?;
     tokio::spawn(connection);
     admin.batch_execute("drop database if exists changegate_bench with (force)").await?;
@@ -389,18 +394,31 @@ async fn postgres(
         .trim()
         .trim_start_matches("key=")
         .to_owned();
+    let (db, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    db.batch_execute(
+        "create table bench (id bigserial primary key, tenant_id text not null, t bigint not null);
+         select realtime.enable('bench', 'tenant_id');",
+    )
+    .await?;
+    Ok((url, key))
+}
+
+async fn postgres(
+    binary: &std::path::Path,
+    subscribers: usize,
+    rates: &[u64],
+    seconds: u64,
+    rows: u32,
+    server: &str,
+) -> anyhow::Result<()> {
+    let (url, key) = bench_database(binary, server).await?;
     let mut writers_pool = Vec::new();
     for _ in 0..8 {
         let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
         tokio::spawn(connection);
         writers_pool.push(Arc::new(client));
     }
-    let db = writers_pool[0].clone();
-    db.batch_execute(
-        "create table bench (id bigserial primary key, tenant_id text not null, t bigint not null);
-         select realtime.enable('bench', 'tenant_id');",
-    )
-    .await?;
     let gw = Gateway::start(binary, &[], &[("DATABASE_URL".into(), url.clone())]).await?;
     for &rate in rates {
         let (stop_tx, stop) = watch::channel(false);

@@ -77,6 +77,21 @@ pub struct Server {
 }
 
 impl Server {
+    /// A started changegate measured by subscribing only (no publishing).
+    pub fn subscribe_only(gw: Gateway, path: &str, key: &str) -> Self {
+        Self {
+            name: "changegate",
+            address: gw.address,
+            subscribe_path: path.to_owned(),
+            subscribe_key: key.to_owned(),
+            publish_url: String::new(),
+            publish_key: String::new(),
+            publish_body: String::new(),
+            pid: gw.pid(),
+            _owned: Some(Owned::Gateway(gw)),
+        }
+    }
+
     /// Resident memory of the measured process, KiB.
     pub fn rss_kib(&self) -> u64 {
         process::rss_kib(self.pid)
@@ -231,7 +246,7 @@ http {{
   client_body_temp_path {root}/body;
   server {{
     listen 127.0.0.1:{port} backlog=4096;
-    location ~ ^/sub/(\w+)$ {{ nchan_subscriber eventsource; nchan_channel_id $1; }}
+    location ~ ^/sub/(\w+)$ {{ nchan_subscriber eventsource; nchan_channel_id $1; nchan_subscriber_first_message newest; }}
     location ~ ^/pub/(\w+)$ {{
       nchan_publisher; nchan_channel_id $1;
       nchan_message_buffer_length 1000; nchan_message_timeout 5m;
@@ -252,7 +267,15 @@ http {{
     let address: SocketAddr = ([127, 0, 0, 1], port).into();
     wait_listening(address).await?;
     let master = child.id().unwrap_or(0);
-    let worker = process::children(master).first().copied().context("nginx has no worker process")?;
+    // The master listens before it forks its worker.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let worker = loop {
+        if let Some(&worker) = process::children(master).first() {
+            break worker;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "nginx started no worker process");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     Ok(Server {
         name: "nchan",
         address,

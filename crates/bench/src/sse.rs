@@ -66,7 +66,8 @@ pub async fn open(
     let mut stream: TcpStream = socket.connect(server).await?;
     let resume = last_id.map(|id| format!("Last-Event-ID: {id}\r\n")).unwrap_or_default();
     let auth = if key.is_empty() { String::new() } else { format!("apikey: {key}\r\n") };
-    let request = format!("GET {path} HTTP/1.1\r\nHost: bench\r\n{auth}{resume}\r\n");
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\n{auth}{resume}\r\n");
     stream.write_all(request.as_bytes()).await?;
     let mut buffer = Vec::with_capacity(8192);
     let mut chunk = [0u8; 8192];

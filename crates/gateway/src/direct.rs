@@ -30,6 +30,7 @@ use bytes::{Buf, Bytes};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::net::tcp::WriteHalf;
 
 /// Routes whose `GET` is a stream.
 pub const STREAM_PATHS: [&str; 6] = [
@@ -192,12 +193,9 @@ fn head(response: &Response, length: Option<u64>) -> Vec<u8> {
     out
 }
 
-/// Writes every slice, failing if one write stays blocked longer than `timeout`.
-async fn write_all<W: AsyncWrite + Unpin>(
-    writer: &mut W,
-    parts: &mut [&[u8]],
-    timeout: Duration,
-) -> io::Result<()> {
+/// Writes every slice, failing if one write stays blocked longer than `timeout`. A write the
+/// socket takes at once costs no timer: the timeout is armed only when the socket is full.
+async fn write_all(writer: &mut WriteHalf<'_>, parts: &mut [&[u8]], timeout: Duration) -> io::Result<()> {
     let mut first = 0;
     while first < parts.len() {
         let mut slices = [IoSlice::new(&[]); 3];
@@ -205,12 +203,18 @@ async fn write_all<W: AsyncWrite + Unpin>(
         for (slice, part) in slices.iter_mut().zip(&parts[first..first + count]) {
             *slice = IoSlice::new(part);
         }
-        let written = match tokio::time::timeout(timeout, writer.write_vectored(&slices[..count])).await {
-            Ok(result) => result?,
-            Err(_) => {
-                metrics::counter!("changegate_stalled_connections_closed_total").increment(1);
-                return Err(io::Error::new(io::ErrorKind::TimedOut, "the peer stopped reading"));
+        let written = match writer.try_write_vectored(&slices[..count]) {
+            Ok(written) => written,
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                match tokio::time::timeout(timeout, writer.write_vectored(&slices[..count])).await {
+                    Ok(result) => result?,
+                    Err(_) => {
+                        metrics::counter!("changegate_stalled_connections_closed_total").increment(1);
+                        return Err(io::Error::new(io::ErrorKind::TimedOut, "the peer stopped reading"));
+                    }
+                }
             }
+            Err(error) => return Err(error),
         };
         if written == 0 {
             return Err(io::ErrorKind::WriteZero.into());

@@ -213,14 +213,36 @@ struct State {
     closing: Pin<Box<WaitForCancellationFutureOwned>>,
     wire: Wire,
     done: bool,
-    labels: Vec<(&'static str, String)>,
+    metrics: Metrics,
     tenant: changegate_core::TenantId,
     opened: Instant,
 }
 
+/// This stream's metric handles, resolved once when it opens: looking a labelled metric up on
+/// every write cost more than the write's own bookkeeping.
+struct Metrics {
+    open: metrics::Gauge,
+    out: metrics::Counter,
+    replayed: metrics::Counter,
+    resets: metrics::Counter,
+    slow: metrics::Counter,
+}
+
+impl Metrics {
+    fn new(labels: &[(&'static str, String)]) -> Self {
+        Self {
+            open: metrics::gauge!("changegate_streams_open", labels),
+            out: metrics::counter!("changegate_events_out_total", labels),
+            replayed: metrics::counter!("changegate_replayed_events_total", labels),
+            resets: metrics::counter!("changegate_resets_total", labels),
+            slow: metrics::counter!("changegate_slow_consumer_disconnects_total", labels),
+        }
+    }
+}
+
 impl Drop for State {
     fn drop(&mut self) {
-        metrics::gauge!("changegate_streams_open", &self.labels).decrement(1.0);
+        self.metrics.open.decrement(1.0);
         tracing::info!(
             target: "changegate::access",
             route = self.wire.route(),
@@ -253,8 +275,7 @@ impl State {
             };
             match caught {
                 Some(Caught::Page(frames)) => {
-                    metrics::counter!("changegate_replayed_events_total", &self.labels)
-                        .increment(frames.len() as u64);
+                    self.metrics.replayed.increment(frames.len() as u64);
                     let mut out = BytesMut::new();
                     for frame in &frames {
                         if self.fresh(frame) {
@@ -271,7 +292,7 @@ impl State {
                     }
                 }
                 Some(Caught::Reset { bytes, after }) => {
-                    metrics::counter!("changegate_resets_total", &self.labels).increment(1);
+                    self.metrics.resets.increment(1);
                     self.backlog = None;
                     self.after = after.map(Position::seq);
                     return Step::Send(bytes);
@@ -293,7 +314,7 @@ impl State {
                     Ok(Some(_)) => continue,
                     Ok(None) => return Step::End,
                     Err(_lagged) => {
-                        metrics::counter!("changegate_slow_consumer_disconnects_total", &self.labels).increment(1);
+                        self.metrics.slow.increment(1);
                         return Step::Finish(lagged(self.retry));
                     }
                 },
@@ -329,7 +350,7 @@ impl State {
             }
         }
         let bytes = out.map_or(first, BytesMut::freeze);
-        metrics::counter!("changegate_events_out_total", &self.labels).increment(sent);
+        self.metrics.out.increment(sent);
         (!bytes.is_empty()).then_some(Step::Send(bytes))
     }
 }
@@ -345,7 +366,8 @@ fn lagged(after: Duration) -> Bytes {
 pub fn response(connection: Connection) -> Response {
     let Connection { prelude, backlog, subscription, after, heartbeat, retry, closing, wire, labels, tenant } =
         connection;
-    metrics::gauge!("changegate_streams_open", &labels).increment(1.0);
+    let metrics = Metrics::new(&labels);
+    metrics.open.increment(1.0);
     let mut ticker = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let state = State {
@@ -358,7 +380,7 @@ pub fn response(connection: Connection) -> Response {
         closing: Box::pin(closing.cancelled_owned()),
         wire,
         done: false,
-        labels,
+        metrics,
         tenant,
         opened: Instant::now(),
     };
