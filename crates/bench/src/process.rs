@@ -75,6 +75,11 @@ pub fn cpu_ticks(pid: u32) -> u64 {
     get(11) + get(12)
 }
 
+/// Whether process `pid` has exited and awaits its parent (state `Z`).
+pub fn is_zombie(pid: u32) -> bool {
+    stat_fields(pid).first().is_some_and(|state| state == "Z")
+}
+
 /// The processes whose parent is `pid`.
 pub fn children(pid: u32) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };

@@ -59,6 +59,30 @@ impl Drop for Scratch {
 enum Owned {
     Gateway(#[allow(dead_code)] Gateway),
     Child(#[allow(dead_code)] Child, #[allow(dead_code)] Scratch),
+    Nginx(#[allow(dead_code)] Nginx),
+}
+
+/// nginx's master process. Killing it would orphan its worker, which goes on using the CPU the
+/// next server is measured with: it is asked to stop (SIGTERM stops the workers too) and waited for.
+struct Nginx {
+    master: Child,
+    _dir: Scratch,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let workers = self.master.id().map(process::children).unwrap_or_default();
+        if let Some(pid) = self.master.id() {
+            let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+        }
+        let gone = |pid: u32| !Path::new(&format!("/proc/{pid}")).exists() || process::is_zombie(pid);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline
+            && !(matches!(self.master.try_wait(), Ok(Some(_))) && workers.iter().all(|&w| gone(w)))
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 /// A server under test.
@@ -267,6 +291,7 @@ http {{
     let address: SocketAddr = ([127, 0, 0, 1], port).into();
     wait_listening(address).await?;
     let master = child.id().unwrap_or(0);
+    let nginx = Nginx { master: child, _dir: dir };
     // The master listens before it forks its worker.
     let deadline = Instant::now() + Duration::from_secs(5);
     let worker = loop {
@@ -285,7 +310,7 @@ http {{
         publish_key: String::new(),
         publish_body: r#"{"t":{t},"n":{n}}"#.into(),
         pid: worker,
-        _owned: Some(Owned::Child(child, dir)),
+        _owned: Some(Owned::Nginx(nginx)),
     })
 }
 

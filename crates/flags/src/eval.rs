@@ -63,7 +63,11 @@ pub enum EvalError {
 
 /// The rollout bucket of `targeting_key` for `flag_key`, in 0‥100.
 pub fn bucket(flag_key: &str, targeting_key: &str) -> u32 {
-    let digest = Md5::digest(format!("{flag_key}:{targeting_key}").as_bytes());
+    let digest = Md5::new()
+        .chain_update(flag_key.as_bytes())
+        .chain_update(b":")
+        .chain_update(targeting_key.as_bytes())
+        .finalize();
     u32::from_le_bytes([digest[0], digest[1], digest[2], digest[3]]) % 100
 }
 
