@@ -27,7 +27,6 @@ use axum::extract::Request;
 use axum::http::{HeaderName, HeaderValue, Method, Uri, Version, header};
 use axum::response::Response;
 use bytes::{Buf, Bytes};
-use futures_util::FutureExt;
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
@@ -45,12 +44,6 @@ pub const STREAM_PATHS: [&str; 6] = [
 
 /// Largest request head this path reads; a larger one goes to hyper (which allows 64 KiB).
 const MAX_HEAD: usize = 16 * 1024;
-
-/// Most events sent in one write (beyond the one that woke the writer).
-const BATCH: usize = 64;
-
-/// Most slices handed to one `writev` (Linux's `IOV_MAX` is 1 024).
-const MAX_IOV: usize = 512;
 
 /// Most headers a stream request may carry here (more: hyper's path).
 const MAX_HEADERS: usize = 48;
@@ -205,24 +198,15 @@ fn head(response: &Response, length: Option<u64>) -> Vec<u8> {
 async fn write_all(writer: &mut WriteHalf<'_>, parts: &mut [&[u8]], timeout: Duration) -> io::Result<()> {
     let mut first = 0;
     while first < parts.len() {
-        // Up to three parts (the usual chunk: size line, event, CRLF) on the stack; a batch of
-        // events in a short-lived vector.
-        let mut stack = [IoSlice::new(&[]); 3];
-        let heap: Vec<IoSlice<'_>>;
-        let slices: &[IoSlice<'_>] = if parts.len() - first <= stack.len() {
-            let count = parts.len() - first;
-            for (slice, part) in stack.iter_mut().zip(&parts[first..]) {
-                *slice = IoSlice::new(part);
-            }
-            &stack[..count]
-        } else {
-            heap = parts[first..].iter().take(MAX_IOV).map(|part| IoSlice::new(part)).collect();
-            &heap
-        };
-        let written = match writer.try_write_vectored(slices) {
+        let mut slices = [IoSlice::new(&[]); 3];
+        let count = (parts.len() - first).min(slices.len());
+        for (slice, part) in slices.iter_mut().zip(&parts[first..first + count]) {
+            *slice = IoSlice::new(part);
+        }
+        let written = match writer.try_write_vectored(&slices[..count]) {
             Ok(written) => written,
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                match tokio::time::timeout(timeout, writer.write_vectored(slices)).await {
+                match tokio::time::timeout(timeout, writer.write_vectored(&slices[..count])).await {
                     Ok(result) => result?,
                     Err(_) => {
                         metrics::counter!("changegate_stalled_connections_closed_total").increment(1);
@@ -284,57 +268,18 @@ pub async fn respond(mut stream: TcpStream, response: Response, write_timeout: D
             },
         };
         let Some(Ok(frame)) = frame else { break };
-        let Ok(first) = frame.into_data() else { continue };
-        // Whatever else the stream has ready goes out in the same write: each event is the
-        // shared encoding itself (one `Bytes` per event, never copied per connection), and one
-        // `writev` sends them all. Nothing is allocated when only one is ready.
-        let mut more: Vec<Bytes> = Vec::new();
-        let mut ended = false;
-        while more.len() < BATCH {
-            match body.frame().now_or_never() {
-                Some(Some(Ok(frame))) => {
-                    if let Ok(data) = frame.into_data()
-                        && !data.is_empty()
-                    {
-                        more.push(data);
-                    }
-                }
-                Some(Some(Err(_)) | None) => {
-                    ended = true;
-                    break;
-                }
-                None => break,
-            }
-        }
-        let total = first.len() + more.iter().map(Bytes::len).sum::<usize>();
-        if total == 0 {
-            if ended {
-                break;
-            }
+        let Ok(data) = frame.into_data() else { continue };
+        if data.is_empty() {
             continue;
         }
-        let mut size = [0u8; 18];
-        let mut parts: Vec<&[u8]> = Vec::new();
-        let written = if more.is_empty() && length.is_some() {
-            write_all(&mut writer, &mut [&first], write_timeout).await
-        } else if more.is_empty() {
-            let size = chunk_size(total, &mut size);
-            write_all(&mut writer, &mut [size, &first, b"\r\n"], write_timeout).await
+        let written = if length.is_some() {
+            write_all(&mut writer, &mut [&data], write_timeout).await
         } else {
-            if length.is_none() {
-                parts.push(chunk_size(total, &mut size));
-            }
-            parts.push(&first);
-            parts.extend(more.iter().map(|b| &b[..]));
-            if length.is_none() {
-                parts.push(b"\r\n");
-            }
-            write_all(&mut writer, &mut parts, write_timeout).await
+            let mut size = [0u8; 18];
+            let size = chunk_size(data.len(), &mut size);
+            write_all(&mut writer, &mut [size, &data, b"\r\n"], write_timeout).await
         };
-        if written.is_err() || ended {
-            if written.is_ok() {
-                break;
-            }
+        if written.is_err() {
             return;
         }
     }

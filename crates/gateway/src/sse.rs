@@ -6,7 +6,6 @@
 //! in between. A live event at or before the last caught-up position is skipped, which makes
 //! the catch-up/live seam exact.
 
-use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -217,8 +216,6 @@ struct State {
     metrics: Metrics,
     tenant: changegate_core::TenantId,
     opened: Instant,
-    /// Events received in the last batch and not yet handed to the writer.
-    queued: VecDeque<Bytes>,
 }
 
 /// This stream's metric handles, resolved once when it opens: looking a labelled metric up on
@@ -268,9 +265,6 @@ impl State {
 
     async fn next(&mut self) -> Step {
         if let Some(bytes) = self.prelude.next() {
-            return Step::Send(bytes);
-        }
-        if let Some(bytes) = self.queued.pop_front() {
             return Step::Send(bytes);
         }
         while let Some(backlog) = &mut self.backlog {
@@ -329,32 +323,25 @@ impl State {
         }
     }
 
-    /// The frame plus any others already waiting (at most [`COALESCE`]): the first is returned,
-    /// the rest queued, each the shared encoding itself — nothing is copied per connection, and
-    /// the writer sends whatever is ready in one `writev`. `None` if the dialect shows none.
+    /// The frame plus any others already waiting, in one write; `None` if the dialect shows
+    /// none of them.
     fn batch(&mut self, first: &Arc<Frame>) -> Option<Step> {
         let first = self.wire.encode(first);
+        let mut out: Option<BytesMut> = None;
         let mut sent = u64::from(!first.is_empty());
-        let mut first = (!first.is_empty()).then_some(first);
         for _ in 0..COALESCE {
             match self.subscription.try_recv() {
                 Ok(Some(frame)) if self.fresh(&frame) => {
                     let next = self.wire.encode(&frame);
-                    if next.is_empty() {
-                        continue;
-                    }
-                    if matches!(self.wire, Wire::Ofrep) {
+                    if matches!(self.wire, Wire::Ofrep) && !next.is_empty() {
                         // A refetch notice covers everything before it: send only the last.
-                        self.queued.clear();
-                        first = Some(next);
+                        out = Some(BytesMut::from(&next[..]));
                         sent = 1;
                         continue;
                     }
-                    sent += 1;
-                    match first {
-                        None => first = Some(next),
-                        Some(_) => self.queued.push_back(next),
-                    }
+                    sent += u64::from(!next.is_empty());
+                    let out = out.get_or_insert_with(|| BytesMut::from(&first[..]));
+                    out.extend_from_slice(&next);
                 }
                 Ok(Some(_)) => continue,
                 Ok(None) => break,
@@ -362,8 +349,9 @@ impl State {
                 Err(_lagged) => break,
             }
         }
+        let bytes = out.map_or(first, BytesMut::freeze);
         self.metrics.out.increment(sent);
-        first.map(Step::Send)
+        (!bytes.is_empty()).then_some(Step::Send(bytes))
     }
 }
 
@@ -395,7 +383,6 @@ pub fn response(connection: Connection) -> Response {
         metrics,
         tenant,
         opened: Instant::now(),
-        queued: VecDeque::new(),
     };
     let stream = futures_util::stream::unfold(state, |mut state| async move {
         if state.done {
