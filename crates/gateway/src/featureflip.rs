@@ -18,9 +18,9 @@ use changegate_core::{EnvironmentId, Feed, FeedKey, Filter, Principal};
 use changegate_flags::featureflip;
 use serde_json::Value;
 
-use crate::auth::{QueryKey, authenticate};
+use crate::auth::QueryKey;
 use crate::error::ApiError;
-use crate::flag_routes::{environment, query_param};
+use crate::flag_routes::{environment, request_principal};
 use crate::routes::{AppState, Resume, open_stream};
 use crate::sse::Wire;
 
@@ -31,10 +31,7 @@ async fn caller(
     raw: Option<&str>,
     query_key: QueryKey,
 ) -> Result<(Principal, EnvironmentId), ApiError> {
-    let apikey = query_param(raw, "apikey")?;
-    let principal =
-        authenticate(&app.engine, app.jwt.as_ref(), headers, apikey.as_deref(), query_key, Action::ReadFlags)
-            .await?;
+    let principal = request_principal(app, headers, raw, query_key, Action::ReadFlags).await?;
     let environment = environment(&principal, raw)?;
     Ok((principal, environment))
 }

@@ -30,18 +30,24 @@ impl FromRequestParts<AppState> for Manager {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, ApiError> {
-        let apikey = query_param(parts.uri.query(), "apikey")?;
-        let principal = authenticate(
-            &app.engine,
-            app.jwt.as_ref(),
-            &parts.headers,
-            apikey.as_deref(),
-            QueryKey::Refused,
-            Action::ManageFlags,
-        )
-        .await?;
+        let principal =
+            request_principal(app, &parts.headers, parts.uri.query(), QueryKey::Refused, Action::ManageFlags)
+                .await?;
         Ok(Self(principal))
     }
+}
+
+/// The caller of a request for `action`: its header credential, or — where `query_key` allows —
+/// the `apikey` query parameter (the query string parsed by [`query_param`]'s rules).
+pub(crate) async fn request_principal(
+    app: &AppState,
+    headers: &HeaderMap,
+    query: Option<&str>,
+    query_key: QueryKey,
+    action: Action,
+) -> Result<Principal, ApiError> {
+    let apikey = query_param(query, "apikey")?;
+    authenticate(&app.engine, app.jwt.as_ref(), headers, apikey.as_deref(), query_key, action).await
 }
 
 /// A management request on one environment, with its `If-Match` version.
@@ -369,16 +375,7 @@ async fn reader(
     headers: &HeaderMap,
     raw: Option<&str>,
 ) -> Result<(Principal, FeedKey, Filter), ApiError> {
-    let apikey = query_param(raw, "apikey")?;
-    let principal = authenticate(
-        &app.engine,
-        app.jwt.as_ref(),
-        headers,
-        apikey.as_deref(),
-        QueryKey::Allowed,
-        Action::ReadFlags,
-    )
-    .await?;
+    let principal = request_principal(app, headers, raw, QueryKey::Allowed, Action::ReadFlags).await?;
     let key = FeedKey { tenant: principal.tenant.clone(), feed: Feed::Flags };
     let filter = Filter::Environment(principal.environment.clone());
     Ok((principal, key, filter))
