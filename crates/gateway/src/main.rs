@@ -159,7 +159,7 @@ struct Serve {
     /// Heartbeat interval of `/api/v1/stream` (comment lines).
     #[arg(long, env = "CHANGEGATE_HEARTBEAT_FLAGS_A", default_value = "30s", value_parser = duration)]
     heartbeat_flags_a: Duration,
-    /// Ping interval of `/stream` (`event: ping`).
+    /// Ping interval of `/stream` and `/v1/sdk/stream` (`event: ping`).
     #[arg(long, env = "CHANGEGATE_HEARTBEAT_FLAGS_B", default_value = "30s", value_parser = duration)]
     heartbeat_flags_b: Duration,
     /// Heartbeat interval of `/api/v1/flags/events` (`event: heartbeat`).
