@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 
 use crate::auth::{QueryKey, authenticate};
 use crate::error::ApiError;
-use crate::routes::{AppState, Resume, open_stream};
+use crate::routes::{AppState, Ids, Resume, open_stream};
 use crate::sse::Wire;
 
 pub(crate) fn query_param(raw: Option<&str>, name: &str) -> Result<Option<String>, ApiError> {
@@ -381,15 +381,10 @@ async fn reader(
     Ok((principal, key, filter))
 }
 
-fn position_resume(headers: &HeaderMap) -> Result<Option<Resume>, ApiError> {
-    let Some(value) = headers.get("last-event-id") else { return Ok(None) };
-    let text = value.to_str().unwrap_or_default().trim();
-    if text.is_empty() {
-        return Ok(None);
-    }
-    text.parse().map(|p| Some(Resume::After(p))).map_err(|_| {
-        ApiError::bad_request("invalid_last_event_id", "Last-Event-ID is not an id this stream sent")
-    })
+/// A flag stream's `Last-Event-ID`, as every stream reads it ([`Resume::from_last_event_id`]).
+fn last_event_id(headers: &HeaderMap, ids: Ids) -> Result<Option<Resume>, ApiError> {
+    Resume::from_last_event_id(headers, None, ids)
+        .map_err(|foreign| ApiError::bad_request("invalid_last_event_id", foreign.message()))
 }
 
 pub(crate) async fn stream_a(
@@ -398,7 +393,7 @@ pub(crate) async fn stream_a(
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     let (principal, key, filter) = reader(&app, &headers, raw.as_deref()).await?;
-    let resume = position_resume(&headers)?;
+    let resume = last_event_id(&headers, Ids::Positions)?;
     open_stream(&app, &principal, key, filter, resume, Wire::FlagsA, app.limits.flags_heartbeat[0]).await
 }
 
@@ -408,7 +403,7 @@ pub(crate) async fn stream_b(
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     let (principal, key, filter) = reader(&app, &headers, raw.as_deref()).await?;
-    let resume = position_resume(&headers)?;
+    let resume = last_event_id(&headers, Ids::Positions)?;
     open_stream(&app, &principal, key, filter, resume, Wire::FlagsB, app.limits.flags_heartbeat[1]).await
 }
 
@@ -418,16 +413,11 @@ pub(crate) async fn stream_c(
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     let (principal, key, filter) = reader(&app, &headers, raw.as_deref()).await?;
-    let since = match headers.get("last-event-id").map(|v| v.to_str().unwrap_or_default().trim()) {
-        None | Some("") => None,
-        Some(text) => Some(text.parse::<u64>().map_err(|_| {
-            ApiError::bad_request(
-                "invalid_last_event_id",
-                "Last-Event-ID must be the epoch-millisecond id of an event",
-            )
-        })?),
+    let resume = last_event_id(&headers, Ids::EpochMillis)?;
+    let since = match resume {
+        Some(Resume::Since(ms)) => Some(ms),
+        _ => None,
     };
     let wire = Wire::FlagsC { last_id: since.unwrap_or(0) };
-    open_stream(&app, &principal, key, filter, since.map(Resume::Since), wire, app.limits.flags_heartbeat[2])
-        .await
+    open_stream(&app, &principal, key, filter, resume, wire, app.limits.flags_heartbeat[2]).await
 }

@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 
 use crate::auth::{QueryKey, authenticate};
 use crate::error::ApiError;
-use crate::routes::{AppState, Resume, open_stream};
+use crate::routes::{AppState, Ids, Resume, open_stream};
 use crate::sse::Wire;
 
 /// How long an idle client may keep the notification stream (advertised as
@@ -309,15 +309,9 @@ pub(crate) async fn events(
     let key = FeedKey { tenant: principal.tenant.clone(), feed: Feed::Flags };
     let filter = Filter::Environment(Some(environment));
     // Every answer of the OFREP routes is in the protocol's error shape.
-    let resume = match headers.get("last-event-id").and_then(|v| v.to_str().ok()).map(str::trim) {
-        None | Some("") => None,
-        Some(text) => match text.parse() {
-            Ok(position) => Some(Resume::After(position)),
-            Err(_) => {
-                let details = "Last-Event-ID is not an id this stream sent";
-                return Ok(failure(StatusCode::BAD_REQUEST, None, "GENERAL", details));
-            }
-        },
+    let resume = match Resume::from_last_event_id(&headers, None, Ids::Positions) {
+        Ok(resume) => resume,
+        Err(foreign) => return Ok(failure(StatusCode::BAD_REQUEST, None, "GENERAL", foreign.message())),
     };
     open_stream(&app, &principal, key, filter, resume, Wire::Ofrep, app.limits.flags_heartbeat[0]).await
 }

@@ -372,25 +372,8 @@ impl SubscribeQuery {
     }
 }
 
-fn resume_point(headers: &HeaderMap, query: Option<&str>) -> Result<Option<Resume>, ApiError> {
-    let header = match headers.get("last-event-id") {
-        Some(value) => Some(value.to_str().map_err(|_| invalid_last_event_id())?),
-        None => None,
-    };
-    match header.or(query).map(str::trim) {
-        None | Some("") => Ok(None),
-        Some(text) if text.starts_with("m.") => {
-            ResumeToken::decode(text).map(|t| Some(Resume::Token(t))).map_err(|_| invalid_last_event_id())
-        }
-        Some(text) => text.parse().map(|p| Some(Resume::After(p))).map_err(|_| invalid_last_event_id()),
-    }
-}
-
 fn invalid_last_event_id() -> ApiError {
-    ApiError::bad_request(
-        "invalid_last_event_id",
-        "Last-Event-ID is not an id this service sent; reconnect without it to start live",
-    )
+    ApiError::bad_request("invalid_last_event_id", ForeignId(Ids::PositionsOrTokens).message())
 }
 
 async fn subscribe(
@@ -452,7 +435,8 @@ async fn subscribe(
         }
     };
     let key = FeedKey { tenant: principal.tenant.clone(), feed };
-    let resume = resume_point(&headers, query.last_event_id.as_deref())?;
+    let resume = Resume::from_last_event_id(&headers, query.last_event_id.as_deref(), Ids::PositionsOrTokens)
+        .map_err(|_| invalid_last_event_id())?;
     open_stream(&app, &principal, key, filter, resume, sse::Wire::Realtime, app.limits.heartbeat).await
 }
 
@@ -468,6 +452,61 @@ pub enum Resume {
     /// From now, after a snapshot of the state: the future is awaited only once the stream
     /// is subscribed, so every change is in the snapshot, the live stream, or both.
     Snapshot(futures_util::future::BoxFuture<'static, Result<axum::body::Bytes, ApiError>>),
+}
+
+/// The ids a stream sends, so the `Last-Event-ID`s it takes back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ids {
+    /// Positions (`<epoch>-<seq>`).
+    Positions,
+    /// Positions, or MongoDB resume tokens (`m.…`).
+    PositionsOrTokens,
+    /// Epoch milliseconds (dialect C).
+    EpochMillis,
+}
+
+/// A `Last-Event-ID` that is not an id of the stream's kind (or not text).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ForeignId(pub Ids);
+
+impl ForeignId {
+    /// What the client is told (each dialect puts it in its own error shape).
+    pub const fn message(self) -> &'static str {
+        match self.0 {
+            Ids::EpochMillis => "Last-Event-ID must be the epoch-millisecond id of an event",
+            Ids::Positions | Ids::PositionsOrTokens => {
+                "Last-Event-ID is not an id this service sent; reconnect without it to start live"
+            }
+        }
+    }
+}
+
+impl Resume {
+    /// The one reading of `Last-Event-ID`, for every stream: the header, else `query` (the
+    /// `lastEventId` parameter, where a route takes one); absent or blank starts live; anything
+    /// else must be an id of the stream's kind.
+    pub fn from_last_event_id(
+        headers: &HeaderMap,
+        query: Option<&str>,
+        ids: Ids,
+    ) -> Result<Option<Self>, ForeignId> {
+        let header = match headers.get("last-event-id") {
+            Some(value) => Some(value.to_str().map_err(|_| ForeignId(ids))?),
+            None => None,
+        };
+        let text = match header.or(query).map(str::trim) {
+            None | Some("") => return Ok(None),
+            Some(text) => text,
+        };
+        let resume = match ids {
+            Ids::PositionsOrTokens if text.starts_with("m.") => {
+                ResumeToken::decode(text).map(Self::Token).ok()
+            }
+            Ids::Positions | Ids::PositionsOrTokens => text.parse().map(Self::After).ok(),
+            Ids::EpochMillis => text.parse().map(Self::Since).ok(),
+        };
+        resume.map(Some).ok_or(ForeignId(ids))
+    }
 }
 
 /// Subscribes, replays what the client missed, and streams the rest in `wire`'s dialect.
@@ -657,5 +696,38 @@ mod tests {
         documented.sort_unstable();
         routed.sort_unstable();
         assert_eq!(documented, routed);
+    }
+
+    #[test]
+    fn every_stream_reads_last_event_id_one_way() {
+        let with = |value: &[u8]| {
+            let mut headers = HeaderMap::new();
+            headers.insert("last-event-id", HeaderValue::from_bytes(value).unwrap());
+            headers
+        };
+        let none = HeaderMap::new();
+        let read = |headers: &HeaderMap, query, ids| Resume::from_last_event_id(headers, query, ids);
+        // Absent or blank: live.
+        assert!(matches!(read(&none, None, Ids::Positions), Ok(None)));
+        assert!(matches!(read(&with(b"  "), None, Ids::EpochMillis), Ok(None)));
+        // Each kind takes its own ids, the header before the query parameter.
+        let position = "0000abcd-42";
+        assert!(matches!(read(&with(position.as_bytes()), None, Ids::Positions), Ok(Some(Resume::After(_)))));
+        assert!(matches!(read(&none, Some(position), Ids::PositionsOrTokens), Ok(Some(Resume::After(_)))));
+        assert!(matches!(
+            read(&with(b"1705844445123"), None, Ids::EpochMillis),
+            Ok(Some(Resume::Since(1_705_844_445_123)))
+        ));
+        assert!(matches!(read(&with(b"7"), Some("garbage"), Ids::EpochMillis), Ok(Some(Resume::Since(7)))));
+        // Anything else — another kind's id, garbage, bytes that are not text — is refused.
+        for (headers, ids) in [
+            (with(b"1705844445123"), Ids::Positions),
+            (with(position.as_bytes()), Ids::EpochMillis),
+            (with(b"m.not-a-token"), Ids::PositionsOrTokens),
+            (with(b"m.whatever"), Ids::Positions),
+            (with(b"\xff\xfe"), Ids::Positions),
+        ] {
+            assert_eq!(read(&headers, None, ids).err(), Some(ForeignId(ids)));
+        }
     }
 }
