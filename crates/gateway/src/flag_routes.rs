@@ -14,13 +14,13 @@ use serde_json::{Value, json};
 
 use crate::auth::{QueryKey, authenticate};
 use crate::error::ApiError;
+use crate::query::Query;
 use crate::routes::{AppState, Ids, Resume, open_stream};
 use crate::sse::Wire;
 
+/// One query parameter, by the one query-string policy ([`crate::query`]).
 pub(crate) fn query_param(raw: Option<&str>, name: &str) -> Result<Option<String>, ApiError> {
-    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.unwrap_or(""))
-        .map_err(|_| ApiError::bad_request("invalid_query", "the query string is not valid URL encoding"))?;
-    Ok(pairs.into_iter().find(|(n, _)| n == name).map(|(_, v)| v))
+    Ok(Query::parse(raw)?.get(name)?.map(str::to_owned))
 }
 
 /// An authenticated flag manager (service key or JWT).

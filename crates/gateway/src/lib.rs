@@ -15,6 +15,7 @@ pub mod jwt;
 pub mod keys;
 pub mod mongo;
 pub mod ofrep;
+pub mod query;
 pub mod routes;
 pub mod server;
 pub mod sse;

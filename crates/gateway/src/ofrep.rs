@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 
 use crate::auth::{QueryKey, authenticate};
 use crate::error::ApiError;
+use crate::query::Query;
 use crate::routes::{AppState, Ids, Resume, open_stream};
 use crate::sse::Wire;
 
@@ -118,18 +119,18 @@ async fn caller(
     raw: Option<&str>,
     query_key: QueryKey,
 ) -> Result<(Principal, EnvironmentId), Response> {
-    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.unwrap_or("")).unwrap_or_default();
-    let param = |name: &str| pairs.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
-    let principal = authenticate(
-        &app.engine,
-        app.jwt.as_ref(),
-        headers,
-        param("apikey").as_deref(),
-        query_key,
-        Action::ReadFlags,
-    )
-    .await
-    .map_err(IntoResponse::into_response)?;
+    // A malformed query is answered in the protocol's shape, like the rest of its 400s.
+    let bad_query = |e: ApiError| failure(StatusCode::BAD_REQUEST, None, "GENERAL", &e.to_string());
+    let query = Query::parse(raw).map_err(bad_query)?;
+    let read = |name: &str| query.get(name).map(|v| v.map(str::to_owned));
+    let (apikey, asked) = match (read("apikey"), read("environment")) {
+        (Ok(apikey), Ok(asked)) => (apikey, asked),
+        (Err(e), _) | (_, Err(e)) => return Err(bad_query(e)),
+    };
+    let principal =
+        authenticate(&app.engine, app.jwt.as_ref(), headers, apikey.as_deref(), query_key, Action::ReadFlags)
+            .await
+            .map_err(IntoResponse::into_response)?;
     let who = principal.key_id.clone().unwrap_or_else(|| format!("jwt:{}", principal.tenant));
     if let Err(wait) = app.ofrep_rate.check(&who) {
         let seconds = wait.as_secs() + 1;
@@ -139,7 +140,7 @@ async fn caller(
         }
         return Err(response);
     }
-    let environment = match (&principal.environment, param("environment")) {
+    let environment = match (&principal.environment, asked) {
         (Some(own), _) => own.clone(),
         (None, Some(asked)) => EnvironmentId::parse(&asked)
             .map_err(|e| failure(StatusCode::BAD_REQUEST, None, "GENERAL", &e.to_string()))?,

@@ -26,6 +26,7 @@ use crate::engine::Engine;
 use crate::error::ApiError;
 use crate::flag_routes as fr;
 use crate::jwt::JwtVerifier;
+use crate::query::Query;
 use crate::sse;
 
 /// Tunables the routes read.
@@ -335,8 +336,7 @@ async fn readyz(State(app): State<AppState>) -> Response {
     axum::Json(json!({ "status": "ready" })).into_response()
 }
 
-/// The query of `/v1/events/subscribe`. Unknown parameters are ignored (cache busters);
-/// known ones given twice are refused.
+/// The query of `/v1/events/subscribe`, read by the one policy of [`crate::query`].
 #[derive(Default, Debug)]
 struct SubscribeQuery {
     topic: Option<String>,
@@ -348,27 +348,15 @@ struct SubscribeQuery {
 
 impl SubscribeQuery {
     fn parse(raw: Option<&str>) -> Result<Self, ApiError> {
-        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.unwrap_or("")).map_err(|_| {
-            ApiError::bad_request("invalid_query", "the query string is not valid URL encoding")
-        })?;
-        let mut query = Self::default();
-        for (name, value) in pairs {
-            let slot = match name.as_str() {
-                "topic" => &mut query.topic,
-                "collection" => &mut query.collection,
-                "source" => &mut query.source,
-                "apikey" => &mut query.apikey,
-                "lastEventId" => &mut query.last_event_id,
-                _ => continue,
-            };
-            if slot.replace(value).is_some() {
-                return Err(ApiError::bad_request(
-                    "invalid_query",
-                    format!("query parameter `{name}` was given more than once"),
-                ));
-            }
-        }
-        Ok(query)
+        let query = Query::parse(raw)?;
+        let get = |name| query.get(name).map(|v| v.map(str::to_owned));
+        Ok(Self {
+            topic: get("topic")?,
+            collection: get("collection")?,
+            source: get("source")?,
+            apikey: get("apikey")?,
+            last_event_id: get("lastEventId")?,
+        })
     }
 }
 
@@ -618,24 +606,18 @@ struct PublishBody {
     data: Value,
 }
 
-#[derive(Deserialize)]
-struct PublishQuery {
-    apikey: Option<String>,
-}
-
 async fn publish(
     State(app): State<AppState>,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let query: PublishQuery =
-        serde_urlencoded::from_str(raw.as_deref().unwrap_or("")).unwrap_or(PublishQuery { apikey: None });
+    let query = Query::parse(raw.as_deref())?;
     let principal = authenticate(
         &app.engine,
         app.jwt.as_ref(),
         &headers,
-        query.apikey.as_deref(),
+        query.get("apikey")?,
         QueryKey::Refused,
         Action::Publish,
     )
