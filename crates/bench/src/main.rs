@@ -206,31 +206,10 @@ async fn collect(handles: Vec<tokio::task::JoinHandle<Seen>>) -> Vec<Seen> {
 
 /// Publishes `rate` messages per second for `seconds` to `topic`; returns how many it sent.
 async fn publish_at(base: String, key: String, topic: &str, tenant: &str, rate: u64, seconds: u64) -> u64 {
-    let http = reqwest::Client::new();
     let url = format!("{base}/v1/events/publish");
-    let total = rate * seconds;
-    let period = Duration::from_secs_f64(1.0 / rate as f64);
-    let started = tokio::time::Instant::now();
-    let mut inflight = tokio::task::JoinSet::new();
-    let mut sent = 0;
-    for i in 0..total {
-        tokio::time::sleep_until(started + period.mul_f64(i as f64)).await;
-        let request = http
-            .post(&url)
-            .header("apikey", &key)
-            .json(&json!({"topic": topic, "data": {"t": sse::now_us(), "tenant": tenant, "n": i}}));
-        inflight
-            .spawn(async move { request.send().await.map(|r| r.status().as_u16() == 202).unwrap_or(false) });
-        while inflight.len() > 64 {
-            if let Some(ok) = inflight.join_next().await {
-                sent += u64::from(ok.unwrap_or(false));
-            }
-        }
-    }
-    while let Some(ok) = inflight.join_next().await {
-        sent += u64::from(ok.unwrap_or(false));
-    }
-    sent
+    let body =
+        |n: u64| json!({"topic": topic, "data": {"t": sse::now_us(), "tenant": tenant, "n": n}}).to_string();
+    servers::publish_paced(&url, &key, &body, rate, seconds).await
 }
 
 #[tokio::main]

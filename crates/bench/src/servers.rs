@@ -128,35 +128,44 @@ impl Server {
 
     /// Publishes `rate` messages per second for `seconds`; returns how many were accepted (2xx).
     pub async fn publish_at(&self, rate: u64, seconds: u64) -> u64 {
-        let http = reqwest::Client::new();
-        let total = rate * seconds;
-        let period = Duration::from_secs_f64(1.0 / rate as f64);
-        let started = tokio::time::Instant::now();
-        let mut inflight = tokio::task::JoinSet::new();
-        let mut sent = 0;
-        for n in 0..total {
-            tokio::time::sleep_until(started + period.mul_f64(n as f64)).await;
-            let body = self
-                .publish_body
-                .replace("{t}", &crate::sse::now_us().to_string())
-                .replace("{n}", &n.to_string());
-            let mut request =
-                http.post(&self.publish_url).header("content-type", "application/json").body(body);
-            if !self.publish_key.is_empty() {
-                request = request.header("apikey", &self.publish_key);
-            }
-            inflight.spawn(async move { request.send().await.is_ok_and(|r| r.status().is_success()) });
-            while inflight.len() > 64 {
-                if let Some(ok) = inflight.join_next().await {
-                    sent += u64::from(ok.unwrap_or(false));
-                }
-            }
-        }
-        while let Some(ok) = inflight.join_next().await {
-            sent += u64::from(ok.unwrap_or(false));
-        }
-        sent
+        let body = |n: u64| {
+            self.publish_body.replace("{t}", &crate::sse::now_us().to_string()).replace("{n}", &n.to_string())
+        };
+        publish_paced(&self.publish_url, &self.publish_key, &body, rate, seconds).await
     }
+}
+
+/// `POST`s `body(n)` to `url` `rate` times a second for `seconds` (at most 64 in flight), with
+/// `key` in the `apikey` header unless empty; returns how many were accepted (2xx).
+pub async fn publish_paced(
+    url: &str,
+    key: &str,
+    body: &(dyn Fn(u64) -> String + Sync),
+    rate: u64,
+    seconds: u64,
+) -> u64 {
+    let http = reqwest::Client::new();
+    let period = Duration::from_secs_f64(1.0 / rate as f64);
+    let started = tokio::time::Instant::now();
+    let mut inflight = tokio::task::JoinSet::new();
+    let mut sent = 0;
+    for n in 0..rate * seconds {
+        tokio::time::sleep_until(started + period.mul_f64(n as f64)).await;
+        let mut request = http.post(url).header("content-type", "application/json").body(body(n));
+        if !key.is_empty() {
+            request = request.header("apikey", key);
+        }
+        inflight.spawn(async move { request.send().await.is_ok_and(|r| r.status().is_success()) });
+        while inflight.len() > 64 {
+            if let Some(ok) = inflight.join_next().await {
+                sent += u64::from(ok.unwrap_or(false));
+            }
+        }
+    }
+    while let Some(ok) = inflight.join_next().await {
+        sent += u64::from(ok.unwrap_or(false));
+    }
+    sent
 }
 
 /// changegate's own release binary, memory engine, one tenant.
