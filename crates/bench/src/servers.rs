@@ -236,17 +236,24 @@ pub async fn node(topic: &str) -> anyhow::Result<Server> {
         .context("starting node (Debian: apt-get install nodejs)")?;
     let address: SocketAddr = ([127, 0, 0, 1], port).into();
     wait_listening(address).await?;
-    Ok(Server {
-        name: "naive Node",
+    let pid = child.id().unwrap_or(0);
+    Ok(peer("naive Node", address, topic, pid, Owned::Child(child, dir)))
+}
+
+/// A peer with the bench's shared convention: no keys, `GET /sub/<topic>`, `POST /pub/<topic>`
+/// with the message as the body.
+fn peer(name: &'static str, address: SocketAddr, topic: &str, pid: u32, owned: Owned) -> Server {
+    Server {
+        name,
         address,
         subscribe_path: format!("/sub/{topic}"),
         subscribe_key: String::new(),
         publish_url: format!("http://{address}/pub/{topic}"),
         publish_key: String::new(),
         publish_body: r#"{"t":{t},"n":{n}}"#.into(),
-        pid: child.id().unwrap_or(0),
-        _owned: Some(Owned::Child(child, dir)),
-    })
+        pid,
+        _owned: Some(owned),
+    }
 }
 
 const NCHAN_MODULE: &str = "/usr/lib/nginx/modules/ngx_nchan_module.so";
@@ -310,17 +317,7 @@ http {{
         anyhow::ensure!(Instant::now() < deadline, "nginx started no worker process");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    Ok(Server {
-        name: "nchan",
-        address,
-        subscribe_path: format!("/sub/{topic}"),
-        subscribe_key: String::new(),
-        publish_url: format!("http://{address}/pub/{topic}"),
-        publish_key: String::new(),
-        publish_body: r#"{"t":{t},"n":{n}}"#.into(),
-        pid: worker,
-        _owned: Some(Owned::Nginx(nginx)),
-    })
+    Ok(peer("nchan", address, topic, worker, Owned::Nginx(nginx)))
 }
 
 fn which(program: &str) -> Option<PathBuf> {
