@@ -263,26 +263,22 @@ async fn a_rollout_serves_each_user_the_same_variant_in_the_featureflip_sdk_ofre
     let (gw, sdk) = (&gw, sdk.as_str());
     let server: Vec<(String, String)> = futures_util::stream::iter(0..USERS)
         .map(|i| async move {
-            let ofrep = gw
-                .http
-                .post(gw.url("/ofrep/v1/evaluate/flags/rollout"))
-                .header("x-api-key", sdk)
-                .json(&json!({"context": rollout_context(i, "targetingKey")}))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(ofrep.status(), 200);
-            let ofrep: Value = ofrep.json().await.unwrap();
-            let togul = gw
-                .http
-                .post(gw.url("/api/v1/evaluate"))
-                .header("x-api-key", sdk)
-                .json(&json!({"flag_key": "rollout", "context": rollout_context(i, "user_id")}))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(togul.status(), 200);
-            let togul: Value = togul.json().await.unwrap();
+            let evaluate = |path: &'static str, body: Value| async move {
+                let response =
+                    gw.http.post(gw.url(path)).header("x-api-key", sdk).json(&body).send().await.unwrap();
+                assert_eq!(response.status(), 200, "{path}");
+                response.json::<Value>().await.unwrap()
+            };
+            let ofrep = evaluate(
+                "/ofrep/v1/evaluate/flags/rollout",
+                json!({"context": rollout_context(i, "targetingKey")}),
+            )
+            .await;
+            let togul = evaluate(
+                "/api/v1/evaluate",
+                json!({"flag_key": "rollout", "context": rollout_context(i, "user_id")}),
+            )
+            .await;
             // Togul answers the value; the variants are named after their values' lower case.
             (ofrep["variant"].as_str().unwrap().to_owned(), togul["value"].as_str().unwrap().to_lowercase())
         })
