@@ -246,7 +246,13 @@ async fn readiness_is_red_while_the_listen_connection_is_down_and_green_after() 
         let request = gw.http.get(gw.url("/readyz"));
         async move { request.send().await.unwrap() }
     };
-    assert_eq!(ready(&gw).await.status(), 200);
+    // The backend shows in pg_stat_activity a moment before its LISTENs are in place and
+    // readiness turns green: wait for green first (the same deadline as below).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while ready(&gw).await.status() != 200 {
+        assert!(tokio::time::Instant::now() < deadline, "readiness never turned green");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // Refuse new connections to the database, then cut the LISTEN connection.
     let admin = db.admin().await;
     admin.batch_execute(&format!("alter database {} allow_connections false", db.name)).await.unwrap();

@@ -12,8 +12,6 @@
 //! hub's memory never grows with a slow reader.
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -22,6 +20,7 @@ use tokio::time::Instant;
 
 use crate::event::{Event, EventBody, Frame, SourceKind};
 use crate::names::{CollectionName, EnvironmentId, TenantId, TopicPattern};
+use crate::source::{Source, SourceError};
 
 /// What a feed carries.
 #[derive(Clone, PartialEq, Eq, Hash, Debug)]
@@ -76,43 +75,6 @@ impl Filter {
     }
 }
 
-/// An upstream could not be opened (the database refused a LISTEN, say).
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("could not open the upstream for tenant {tenant}: {reason}")]
-pub struct UpstreamError {
-    /// Whose feed it was.
-    pub tenant: TenantId,
-    /// What went wrong, without secrets.
-    pub reason: String,
-}
-
-/// A future returned by [`Upstream::open`].
-pub type OpenFuture = Pin<Box<dyn Future<Output = Result<(), UpstreamError>> + Send>>;
-
-/// The source side of the hub: told when a feed gains its first subscriber and when it may be
-/// closed. Implemented by each engine.
-pub trait Upstream: Send + Sync + 'static {
-    /// Starts delivering `key`'s events to [`Hub::dispatch`]. Subscribers wait for this future:
-    /// when it resolves, every event committed from then on must reach the hub.
-    fn open(&self, key: &FeedKey) -> OpenFuture;
-
-    /// Stops delivering `key`. Called with the hub's lock held, so that it is ordered before
-    /// any later `open` of the same key: it must not block (enqueue the work instead).
-    fn close(&self, key: &FeedKey);
-}
-
-/// An upstream for engines that push every event into the hub themselves.
-#[derive(Debug, Default)]
-pub struct NoUpstream;
-
-impl Upstream for NoUpstream {
-    fn open(&self, _key: &FeedKey) -> OpenFuture {
-        Box::pin(async { Ok(()) })
-    }
-
-    fn close(&self, _key: &FeedKey) {}
-}
-
 /// Hub tuning.
 #[derive(Clone, Copy, Debug)]
 pub struct HubConfig {
@@ -134,6 +96,8 @@ struct Stream {
 }
 
 struct Slot {
+    /// The source that opened (or is opening) this feed, and closes it.
+    source: Arc<dyn Source>,
     subscribers: usize,
     idle_since: Option<Instant>,
     opened: Arc<OnceCell<()>>,
@@ -143,7 +107,6 @@ struct Slot {
 struct Inner {
     feeds: Mutex<HashMap<FeedKey, Slot>>,
     config: HubConfig,
-    upstream: Arc<dyn Upstream>,
 }
 
 impl Inner {
@@ -158,7 +121,7 @@ impl Inner {
             let expired = slot.subscribers == 0
                 && slot.idle_since.is_some_and(|t| now.duration_since(t) >= self.config.grace);
             if expired && slot.opened.initialized() {
-                self.upstream.close(key);
+                slot.source.close(key);
             }
             !expired
         });
@@ -178,21 +141,30 @@ impl std::fmt::Debug for Hub {
 }
 
 impl Hub {
-    /// A hub over `upstream`. Must be called inside a Tokio runtime: it starts the task that
-    /// closes idle feeds, which ends when the last clone of the hub is dropped.
-    pub fn new(config: HubConfig, upstream: Arc<dyn Upstream>) -> Self {
+    /// An empty hub. Must be called inside a Tokio runtime: it starts the task that closes
+    /// idle feeds, which ends when the last clone of the hub is dropped.
+    pub fn new(config: HubConfig) -> Self {
         let config = HubConfig { buffer: config.buffer.max(1), ..config };
-        let inner = Arc::new(Inner { feeds: Mutex::new(HashMap::new()), config, upstream });
+        let inner = Arc::new(Inner { feeds: Mutex::new(HashMap::new()), config });
         tokio::spawn(reaper(Arc::downgrade(&inner), config.grace));
         Self { inner }
     }
 
-    /// Subscribes to the events of `key` that match `filter`, opening the feed's upstream if
+    /// Subscribes to the events of `key` that match `filter`, opening the feed at `source` if
     /// this is its first subscriber. Events dispatched after this returns are received.
-    pub async fn subscribe(&self, key: FeedKey, filter: Filter) -> Result<Subscription, UpstreamError> {
-        let (receiver, opened) = {
+    ///
+    /// A feed is served by one source for its whole life (the gateway picks it by the feed's
+    /// kind), so `source` only matters to the subscriber that opens it.
+    pub async fn subscribe(
+        &self,
+        key: FeedKey,
+        filter: Filter,
+        source: &Arc<dyn Source>,
+    ) -> Result<Subscription, SourceError> {
+        let (receiver, opened, source) = {
             let mut feeds = self.inner.feeds();
             let slot = feeds.entry(key.clone()).or_insert_with(|| Slot {
+                source: source.clone(),
                 subscribers: 0,
                 idle_since: None,
                 opened: Arc::new(OnceCell::new()),
@@ -208,11 +180,10 @@ impl Hub {
                     receiver
                 }
             };
-            (receiver, slot.opened.clone())
+            (receiver, slot.opened.clone(), slot.source.clone())
         };
         let guard = Guard { hub: Arc::downgrade(&self.inner), key };
-        let upstream = &self.inner.upstream;
-        opened.get_or_try_init(|| upstream.open(&guard.key)).await?;
+        opened.get_or_try_init(|| source.open(&guard.key)).await?;
         Ok(Subscription { receiver, lagged: None, _guard: guard })
     }
 
@@ -235,12 +206,6 @@ impl Hub {
                 let _ = stream.sender.send(frame.clone());
             }
         }
-    }
-
-    /// The feeds that currently have an open upstream (for re-opening after a reconnect).
-    pub fn open_feeds(&self) -> Vec<FeedKey> {
-        let feeds = self.inner.feeds();
-        feeds.iter().filter(|(_, s)| s.opened.initialized()).map(|(k, _)| k.clone()).collect()
     }
 
     /// How many subscribers `key` has right now.
@@ -348,14 +313,31 @@ mod tests {
         closed: AtomicUsize,
     }
 
-    impl Upstream for Counting {
-        fn open(&self, _key: &FeedKey) -> OpenFuture {
+    impl Source for Counting {
+        fn open(&self, _key: &FeedKey) -> crate::source::OpenFuture {
             self.opened.fetch_add(1, Ordering::SeqCst);
             Box::pin(async { Ok(()) })
         }
         fn close(&self, _key: &FeedKey) {
             self.closed.fetch_add(1, Ordering::SeqCst);
         }
+        fn replay(
+            self: Arc<Self>,
+            key: FeedKey,
+            _filter: Filter,
+            _start: crate::source::Start,
+            _cap: u64,
+        ) -> crate::source::BoxFuture<'static, Result<crate::source::CatchUp, SourceError>> {
+            Box::pin(async move { Err(SourceError::foreign(&key.tenant)) })
+        }
+        fn accepts(&self, _start: &crate::source::Start) -> bool {
+            false
+        }
+    }
+
+    fn counting() -> (Arc<Counting>, Arc<dyn Source>) {
+        let counting = Arc::new(Counting::default());
+        (counting.clone(), counting)
     }
 
     fn key(tenant: &str) -> FeedKey {
@@ -378,15 +360,15 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn many_subscribers_share_one_upstream_that_closes_after_the_grace_period() {
-        let upstream = Arc::new(Counting::default());
+        let (upstream, source) = counting();
         let grace = Duration::from_secs(5);
-        let hub = Hub::new(HubConfig { buffer: 8, grace }, upstream.clone());
-        let subs: Vec<_> = futures_join(&hub, 100).await;
+        let hub = Hub::new(HubConfig { buffer: 8, grace });
+        let subs: Vec<_> = futures_join(&hub, &source, 100).await;
         assert_eq!(upstream.opened.load(Ordering::SeqCst), 1);
         drop(subs);
         tokio::time::sleep(grace / 2).await;
         // A reconnect inside the grace period reuses the open upstream.
-        let again = hub.subscribe(key("a"), topics("*")).await.unwrap();
+        let again = hub.subscribe(key("a"), topics("*"), &source).await.unwrap();
         tokio::time::sleep(grace * 2).await;
         assert_eq!(upstream.opened.load(Ordering::SeqCst), 1);
         assert_eq!(upstream.closed.load(Ordering::SeqCst), 0);
@@ -394,23 +376,23 @@ mod tests {
         tokio::time::sleep(grace * 2).await;
         assert_eq!(upstream.closed.load(Ordering::SeqCst), 1);
         assert_eq!(hub.subscribers(&key("a")), 0);
-        assert!(hub.open_feeds().is_empty());
     }
 
-    async fn futures_join(hub: &Hub, n: usize) -> Vec<Subscription> {
+    async fn futures_join(hub: &Hub, source: &Arc<dyn Source>, n: usize) -> Vec<Subscription> {
         let mut subs = Vec::new();
         for _ in 0..n {
-            subs.push(hub.subscribe(key("a"), topics("*")).await.unwrap());
+            subs.push(hub.subscribe(key("a"), topics("*"), source).await.unwrap());
         }
         subs
     }
 
     #[tokio::test]
     async fn events_reach_only_their_tenant_and_matching_topics() {
-        let hub = Hub::new(HubConfig::default(), Arc::new(NoUpstream));
-        let mut a_orders = hub.subscribe(key("a"), topics("order.*")).await.unwrap();
-        let mut a_exact = hub.subscribe(key("a"), topics("order.created")).await.unwrap();
-        let mut b_all = hub.subscribe(key("b"), topics("*")).await.unwrap();
+        let hub = Hub::new(HubConfig::default());
+        let source = counting().1;
+        let mut a_orders = hub.subscribe(key("a"), topics("order.*"), &source).await.unwrap();
+        let mut a_exact = hub.subscribe(key("a"), topics("order.created"), &source).await.unwrap();
+        let mut b_all = hub.subscribe(key("b"), topics("*"), &source).await.unwrap();
         hub.dispatch(&key("a"), message("a", 1, "order.created"));
         hub.dispatch(&key("a"), message("a", 2, "order.shipped"));
         hub.dispatch(&key("a"), message("a", 3, "user.created"));
@@ -424,8 +406,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_reader_that_falls_behind_the_buffer_is_told_it_lagged() {
-        let hub = Hub::new(HubConfig { buffer: 4, grace: Duration::from_secs(1) }, Arc::new(NoUpstream));
-        let mut slow = hub.subscribe(key("a"), topics("*")).await.unwrap();
+        let hub = Hub::new(HubConfig { buffer: 4, grace: Duration::from_secs(1) });
+        let source = counting().1;
+        let mut slow = hub.subscribe(key("a"), topics("*"), &source).await.unwrap();
         for seq in 1..=10 {
             hub.dispatch(&key("a"), message("a", seq, "t"));
         }
@@ -437,9 +420,10 @@ mod tests {
 
     #[tokio::test]
     async fn dispatch_shares_one_frame_between_subscribers() {
-        let hub = Hub::new(HubConfig::default(), Arc::new(NoUpstream));
-        let mut one = hub.subscribe(key("a"), topics("*")).await.unwrap();
-        let mut two = hub.subscribe(key("a"), topics("*")).await.unwrap();
+        let hub = Hub::new(HubConfig::default());
+        let source = counting().1;
+        let mut one = hub.subscribe(key("a"), topics("*"), &source).await.unwrap();
+        let mut two = hub.subscribe(key("a"), topics("*"), &source).await.unwrap();
         hub.dispatch(&key("a"), message("a", 1, "t"));
         let (x, y) = (one.try_recv().unwrap().unwrap(), two.try_recv().unwrap().unwrap());
         assert!(Arc::ptr_eq(&x, &y));

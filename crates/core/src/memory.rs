@@ -14,10 +14,11 @@ use serde_json::Value;
 
 use crate::auth::{ApiKey, KeyHash, KeyRecord};
 use crate::event::{Event, EventBody, Frame, Timestamp};
-use crate::hub::{Feed, FeedKey, Filter, Hub, HubConfig, NoUpstream};
+use crate::hub::{Feed, FeedKey, Filter, Hub};
 use crate::names::{TenantId, Topic};
 use crate::position::{Epoch, Position};
-use crate::replay::{Replay, Start};
+use crate::replay::Replay;
+use crate::source::{BoxFuture, CatchUp, Log, OpenFuture, Source, SourceError, Start, paged};
 
 /// How much of each tenant's log is kept for replay.
 #[derive(Clone, Copy, Debug)]
@@ -73,20 +74,15 @@ impl std::fmt::Debug for MemoryEngine {
 }
 
 impl MemoryEngine {
-    /// A new, empty engine with a fresh epoch. Must be called inside a Tokio runtime.
-    pub fn new(retention: Retention, hub: HubConfig) -> Self {
+    /// A new, empty engine with a fresh epoch that delivers to `hub`.
+    pub fn new(retention: Retention, hub: Hub) -> Self {
         Self {
             epoch: Epoch::random(),
             last_seq: Mutex::new(0),
             logs: Mutex::new(HashMap::new()),
             retention,
-            hub: Hub::new(hub, Arc::new(NoUpstream)),
+            hub,
         }
-    }
-
-    /// The hub subscribers attach to.
-    pub fn hub(&self) -> &Hub {
-        &self.hub
     }
 
     /// This engine's log epoch.
@@ -133,7 +129,7 @@ impl MemoryEngine {
     /// One page of `key`'s retained events from `start` that match `filter`, reading at most
     /// `limit` events of the log; [`Replay::Reset`] when events after `start` may have been
     /// dropped (also between two pages of one catch-up) or its position was never issued here.
-    pub fn replay(&self, key: &FeedKey, filter: &Filter, start: Start, limit: usize) -> Replay {
+    pub fn replay(&self, key: &FeedKey, filter: &Filter, start: &Start, limit: usize) -> Replay {
         let issued = *self.last_seq.lock().unwrap_or_else(PoisonError::into_inner);
         let logged_here = matches!(key.feed, Feed::Messages | Feed::Flags);
         if let Start::After(after) = start
@@ -151,8 +147,10 @@ impl MemoryEngine {
             Start::After(after) if after.seq() < log.pruned_through => return Replay::Reset,
             Start::After(after) => log.events.partition_point(|f| f.position().seq() <= after.seq()),
             Start::Since(at) => {
-                log.events.iter().position(|f| f.event().at >= at).unwrap_or(log.events.len())
+                log.events.iter().position(|f| f.event().at >= *at).unwrap_or(log.events.len())
             }
+            // Not an id this engine sends.
+            Start::Cursor(_) => return Replay::Reset,
         };
         let end = first.saturating_add(limit.max(1)).min(log.events.len());
         let read = log.events.range(first..end);
@@ -171,6 +169,52 @@ impl MemoryEngine {
         let log = log.lock().unwrap_or_else(PoisonError::into_inner);
         let first = log.events.partition_point(|f| f.position().seq() <= after.seq());
         u64::try_from(log.events.len() - first).unwrap_or(u64::MAX) > cap
+    }
+}
+
+impl Log for MemoryEngine {
+    fn page(
+        &self,
+        key: &FeedKey,
+        filter: &Filter,
+        start: &Start,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Replay, SourceError>> {
+        let page = self.replay(key, filter, start, limit);
+        Box::pin(async move { Ok(page) })
+    }
+
+    fn exceeds(&self, key: &FeedKey, after: Position, cap: u64) -> BoxFuture<'_, Result<bool, SourceError>> {
+        let exceeds = self.backlog_exceeds(key, after, cap);
+        Box::pin(async move { Ok(exceeds) })
+    }
+
+    fn head(&self, _key: &FeedKey) -> BoxFuture<'_, Result<Position, SourceError>> {
+        let head = MemoryEngine::head(self);
+        Box::pin(async move { Ok(head) })
+    }
+}
+
+impl Source for MemoryEngine {
+    /// Nothing to open: [`MemoryEngine::append`] dispatches every event itself.
+    fn open(&self, _key: &FeedKey) -> OpenFuture {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn close(&self, _key: &FeedKey) {}
+
+    fn accepts(&self, start: &Start) -> bool {
+        crate::source::log_accepts(start)
+    }
+
+    fn replay(
+        self: Arc<Self>,
+        key: FeedKey,
+        filter: Filter,
+        start: Start,
+        cap: u64,
+    ) -> BoxFuture<'static, Result<CatchUp, SourceError>> {
+        paged(self, key, filter, start, cap)
     }
 }
 
@@ -269,7 +313,7 @@ mod tests {
 
     fn engine(max_events: usize) -> MemoryEngine {
         let retention = Retention { max_events, max_age: Duration::from_secs(60) };
-        MemoryEngine::new(retention, HubConfig::default())
+        MemoryEngine::new(retention, Hub::new(crate::HubConfig::default()))
     }
 
     fn topic(s: &str) -> Topic {
@@ -283,10 +327,10 @@ mod tests {
         engine.publish(&tenant("b"), topic("x"), json!(2));
         let p3 = engine.publish(&tenant("a"), topic("y"), json!(3));
         let p4 = engine.publish(&tenant("a"), topic("x"), json!(4));
-        assert_eq!(seqs(engine.replay(&messages("a"), &all(), Start::After(p1), ALL)), [p3.seq(), p4.seq()]);
+        assert_eq!(seqs(engine.replay(&messages("a"), &all(), &Start::After(p1), ALL)), [p3.seq(), p4.seq()]);
         let only_x = Filter::Topics(TopicPattern::parse("x").unwrap());
-        assert_eq!(seqs(engine.replay(&messages("a"), &only_x, Start::After(p1), ALL)), [p4.seq()]);
-        assert_eq!(seqs(engine.replay(&messages("a"), &all(), Start::After(p4), ALL)), Vec::<u64>::new());
+        assert_eq!(seqs(engine.replay(&messages("a"), &only_x, &Start::After(p1), ALL)), [p4.seq()]);
+        assert_eq!(seqs(engine.replay(&messages("a"), &all(), &Start::After(p4), ALL)), Vec::<u64>::new());
     }
 
     #[tokio::test]
@@ -297,9 +341,9 @@ mod tests {
         for _ in 0..3 {
             engine.publish(&tenant("a"), topic("x"), json!(0));
         }
-        assert!(matches!(engine.replay(&messages("a"), &all(), Start::After(first), ALL), Replay::Reset));
+        assert!(matches!(engine.replay(&messages("a"), &all(), &Start::After(first), ALL), Replay::Reset));
         // The oldest retained event follows `second` directly: nothing was lost after it.
-        assert_eq!(seqs(engine.replay(&messages("a"), &all(), Start::After(second), ALL)).len(), 3);
+        assert_eq!(seqs(engine.replay(&messages("a"), &all(), &Start::After(second), ALL)).len(), 3);
     }
 
     #[tokio::test]
@@ -308,8 +352,11 @@ mod tests {
         let p = engine.publish(&tenant("a"), topic("x"), json!(0));
         let other_log = Position::new(Epoch(engine.epoch().0.wrapping_add(1)), p.seq());
         let future = Position::new(engine.epoch(), p.seq() + 1);
-        assert!(matches!(engine.replay(&messages("a"), &all(), Start::After(other_log), ALL), Replay::Reset));
-        assert!(matches!(engine.replay(&messages("a"), &all(), Start::After(future), ALL), Replay::Reset));
+        assert!(matches!(
+            engine.replay(&messages("a"), &all(), &Start::After(other_log), ALL),
+            Replay::Reset
+        ));
+        assert!(matches!(engine.replay(&messages("a"), &all(), &Start::After(future), ALL), Replay::Reset));
     }
 
     #[tokio::test]
@@ -323,7 +370,7 @@ mod tests {
         let mut pages = 0;
         loop {
             pages += 1;
-            match engine.replay(&messages("a"), &all(), Start::After(from), 3) {
+            match engine.replay(&messages("a"), &all(), &Start::After(from), 3) {
                 Replay::Page { frames, next } => {
                     assert!(frames.len() <= 3);
                     read.extend(frames.iter().map(|f| f.position().seq()));
@@ -345,20 +392,22 @@ mod tests {
         let engine = engine(3);
         let first = engine.publish(&tenant("a"), topic("x"), json!(0));
         engine.publish(&tenant("a"), topic("x"), json!(1));
-        let Replay::Page { next: None, .. } = engine.replay(&messages("a"), &all(), Start::After(first), 1)
+        let Replay::Page { next: None, .. } = engine.replay(&messages("a"), &all(), &Start::After(first), 1)
         else {
             panic!("one event after the first, read in one page");
         };
         for i in 0..3 {
             engine.publish(&tenant("a"), topic("x"), json!(i));
         }
-        assert!(matches!(engine.replay(&messages("a"), &all(), Start::After(first), 1), Replay::Reset));
+        assert!(matches!(engine.replay(&messages("a"), &all(), &Start::After(first), 1), Replay::Reset));
     }
 
     #[tokio::test]
     async fn live_subscribers_receive_published_events_in_order() {
-        let engine = engine(100);
-        let mut sub = engine.hub().subscribe(messages("a"), all()).await.unwrap();
+        let hub = Hub::new(crate::HubConfig::default());
+        let engine = Arc::new(MemoryEngine::new(Retention::default(), hub.clone()));
+        let source: Arc<dyn Source> = engine.clone();
+        let mut sub = hub.subscribe(messages("a"), all(), &source).await.unwrap();
         let published: Vec<_> = (0..5).map(|i| engine.publish(&tenant("a"), topic("x"), json!(i))).collect();
         let mut received = Vec::new();
         while let Some(frame) = sub.try_recv().unwrap() {

@@ -9,21 +9,12 @@
 
 use std::sync::Arc;
 
-use crate::event::{Frame, Timestamp};
+use crate::event::Frame;
 use crate::position::Position;
 
 /// Events a source reads per catch-up page: small enough that 50 clients catching up at once
 /// hold little, large enough that a database answers few queries per second of replay.
 pub const PAGE: usize = 500;
-
-/// Where a catch-up starts.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum Start {
-    /// After this position (`Last-Event-ID`).
-    After(Position),
-    /// At the first event committed at or after this time (dialect C's time-based ids).
-    Since(Timestamp),
-}
 
 /// One answer of a catch-up read.
 #[derive(Debug)]

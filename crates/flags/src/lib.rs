@@ -3,7 +3,17 @@
 //!
 //! Flags are a tenant's data like any other: every change becomes an event in the tenant's one
 //! log, so resume, isolation and cross-instance delivery come from the shared machinery. This
-//! crate never does I/O and never decides where state is stored.
+//! crate never does I/O: the gateway's engine decides whether state lives in PostgreSQL or in
+//! [`memory`].
+//!
+//! # Layout
+//!
+//! * [`model`] — flags, rules, segments and their validation; [`eval`] — evaluation and the
+//!   rollout bucket;
+//! * [`store`] — the versioned state transitions both engines run, and the events they emit;
+//!   [`memory`] — the in-process store of the memory engine;
+//! * [`dialect`] — the flag-stream SSE dialects; [`featureflip`] — the model in Featureflip's
+//!   SDK shape.
 
 pub mod dialect;
 pub mod eval;

@@ -1,10 +1,13 @@
-//! The engine the gateway runs on, behind one interface: where keys live, where events are
-//! logged, and how a subscriber replays. The memory engine by default; PostgreSQL with
-//! `DATABASE_URL`.
+//! The engine the gateway runs on, behind one interface: where keys and flags live and where
+//! messages are logged. The memory engine by default; PostgreSQL with `DATABASE_URL`. How a
+//! subscriber receives and replays events is not here: that is each engine's
+//! [`changegate_core::Source`], reached through [`Sources`].
+
+use std::sync::Arc;
 
 use changegate_core::{
-    ApiKey, CollectionName, Feed, FeedKey, Filter, Hub, KeyRecord, MemoryEngine, MemoryKeys, Position,
-    Replay, SourceKind, Start, TenantId, Topic,
+    ApiKey, CollectionName, Feed, FeedKey, Hub, KeyRecord, MemoryEngine, MemoryKeys, Position, Retention,
+    SourceKind, TenantId, Topic,
 };
 use changegate_core::{ConfigReason, EnvironmentId, EventBody, Timestamp};
 use changegate_flags::memory::MemoryFlags;
@@ -13,21 +16,22 @@ use changegate_postgres::{PgEngine, PgError};
 use serde_json::Value;
 
 use crate::error::ApiError;
+use crate::state::Sources;
 
 /// The storage and fan-out behind the routes.
 #[derive(Debug)]
 pub enum Engine {
     /// One process, everything in memory.
     Memory {
-        /// Logs and hub.
-        engine: MemoryEngine,
+        /// The log.
+        engine: Arc<MemoryEngine>,
         /// Keys loaded at start (and rotated since).
         keys: std::sync::RwLock<MemoryKeys>,
         /// Environments, flags and segments.
         flags: MemoryFlags,
     },
     /// PostgreSQL: keys, outbox, capture, cross-instance fan-out.
-    Postgres(PgEngine),
+    Postgres(Arc<PgEngine>),
 }
 
 /// The result of a key rotation.
@@ -66,11 +70,28 @@ impl From<PgError> for ApiError {
 }
 
 impl Engine {
-    /// The hub subscribers attach to.
-    pub fn hub(&self) -> &Hub {
+    /// The memory engine, delivering to `hub`, with `keys` (the environments they name exist
+    /// from the start).
+    pub fn memory(keys: MemoryKeys, retention: Retention, hub: Hub) -> Self {
+        let flags = MemoryFlags::default();
+        for record in keys.records() {
+            if let Some(environment) = &record.environment {
+                flags.create_environment(&record.tenant, environment);
+            }
+        }
+        let engine = Arc::new(MemoryEngine::new(retention, hub));
+        Self::Memory { engine, keys: std::sync::RwLock::new(keys), flags }
+    }
+
+    /// The sources this engine brings: its log, and PostgreSQL's tables.
+    pub fn sources(&self) -> Sources {
         match self {
-            Self::Memory { engine, .. } => engine.hub(),
-            Self::Postgres(engine) => engine.hub(),
+            Self::Memory { engine, .. } => Sources::new(engine.clone()),
+            Self::Postgres(engine) => {
+                let mut sources = Sources::new(engine.clone());
+                sources.collections.insert(SourceKind::Postgres, engine.clone());
+                sources
+            }
         }
     }
 
@@ -121,36 +142,6 @@ impl Engine {
             .await?
             .ok_or_else(|| ApiError::CollectionNotEnabled(name.to_string()))?;
         Ok(FeedKey { tenant, feed: Feed::Collection { source: SourceKind::Postgres, name: canonical } })
-    }
-
-    /// One page of a catch-up of `key` from `start` (see [`Replay`]).
-    pub async fn replay(
-        &self,
-        key: &FeedKey,
-        filter: &Filter,
-        start: Start,
-        limit: usize,
-    ) -> Result<Replay, ApiError> {
-        match self {
-            Self::Memory { engine, .. } => Ok(engine.replay(key, filter, start, limit)),
-            Self::Postgres(engine) => Ok(engine.replay(key, filter, start, limit).await?),
-        }
-    }
-
-    /// Whether more than `cap` events of `key` follow `after`.
-    pub async fn backlog_exceeds(&self, key: &FeedKey, after: Position, cap: u64) -> Result<bool, ApiError> {
-        match self {
-            Self::Memory { engine, .. } => Ok(engine.backlog_exceeds(key, after, cap)),
-            Self::Postgres(engine) => Ok(engine.backlog_exceeds(key, after, cap).await?),
-        }
-    }
-
-    /// Where a client continues after a `reset`.
-    pub async fn head(&self, key: &FeedKey) -> Result<Position, ApiError> {
-        match self {
-            Self::Memory { engine, .. } => Ok(engine.head()),
-            Self::Postgres(engine) => Ok(engine.head(key).await?),
-        }
     }
 
     /// Whether every dependency is reachable; the reason otherwise.

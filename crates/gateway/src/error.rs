@@ -21,7 +21,7 @@ pub enum ApiError {
     RevokedKey,
     /// A JWT that does not verify.
     #[error("invalid token: {0}")]
-    InvalidToken(#[from] crate::jwt::JwtError),
+    InvalidToken(#[from] crate::auth::jwt::JwtError),
     /// An `Authorization` header that is not `Bearer <credential>`.
     #[error("the Authorization header must be `Bearer <key or JWT>`")]
     BadAuthorization,

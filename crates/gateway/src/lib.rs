@@ -4,38 +4,44 @@
 //! It never builds SQL or MongoDB pipelines (that is the sources' job), never filters one
 //! tenant's events out of another's stream (isolation happens at the source, by feed key), and
 //! never logs a credential — not even inside a URL.
+//!
+//! # Layout
+//!
+//! * [`state`] — the shared state, built once: engine, the one hub, the sources by feed kind.
+//! * [`engine`] — keys, flags and the message log, on memory or PostgreSQL.
+//! * [`auth`] — who calls: the [`auth::Authenticated`] extractor, key files, JWTs, rate limits.
+//! * [`stream`] — opening a stream (the one `Last-Event-ID` reader, subscribe, catch-up) and
+//!   the SSE writer.
+//! * `routes` — the HTTP routes by area (events, flags, OFREP, Togul, Featureflip, ops);
+//!   nothing imports it but this root.
+//! * [`net`] — accept loop, connection limits, the direct SSE path, write deadlines.
+//! * [`query`], [`error`], [`mongo`] — the query-string policy, the error shape, the door to
+//!   the MongoDB driver.
 
 pub mod auth;
-pub mod direct;
 pub mod engine;
 pub mod error;
-pub mod featureflip;
-pub mod flag_routes;
-pub mod jwt;
-pub mod keys;
 pub mod mongo;
-pub mod ofrep;
+pub mod net;
 pub mod query;
-pub mod routes;
-pub mod server;
-pub mod sse;
-pub mod stall;
-pub mod togul;
+mod routes;
+pub mod state;
+pub mod stream;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
 pub use engine::Engine;
-pub use routes::{AppState, Limits};
+pub use routes::{PATHS, router};
+pub use state::{AppState, Limits};
 
 /// Runs the server on `listener` until `closing` is cancelled, then ends every stream with a
 /// `retry:` hint and waits up to `drain` for connections to finish.
 pub async fn run(
     listener: tokio::net::TcpListener,
     state: AppState,
-    limits: server::ConnectionLimits,
+    limits: net::server::ConnectionLimits,
     drain: Duration,
 ) -> std::io::Result<()> {
     let closing = state.closing.clone();
@@ -64,7 +70,7 @@ pub async fn run(
             }
         });
     }
-    let server = server::serve(listener, routes::router(state), limits, closing.clone());
+    let server = net::server::serve(listener, routes::router(state), limits, closing.clone());
     tokio::pin!(server);
     tokio::select! {
         () = &mut server => Ok(()),
@@ -75,41 +81,16 @@ pub async fn run(
     }
 }
 
-/// Builds the state for a memory-engine gateway.
+/// The state of a memory-engine gateway (tests and the binary's default).
 pub fn memory_state(
     keys: changegate_core::MemoryKeys,
     retention: changegate_core::Retention,
     hub: changegate_core::HubConfig,
-    jwt: Option<jwt::JwtVerifier>,
+    jwt: Option<auth::jwt::JwtVerifier>,
     limits: Limits,
 ) -> AppState {
-    let engine = changegate_core::MemoryEngine::new(retention, hub);
-    // Environments named by keys exist from the start.
-    let flags = changegate_flags::memory::MemoryFlags::default();
-    for record in keys.records() {
-        if let Some(environment) = &record.environment {
-            flags.create_environment(&record.tenant, environment);
-        }
-    }
-    let keys = std::sync::RwLock::new(keys);
-    state(Engine::Memory { engine, keys, flags }, jwt, limits, CancellationToken::new())
-}
-
-/// Builds the state around any engine; `closing` ends every stream when cancelled.
-pub fn state(
-    engine: Engine,
-    jwt: Option<jwt::JwtVerifier>,
-    limits: Limits,
-    closing: CancellationToken,
-) -> AppState {
-    AppState {
-        engine: Arc::new(engine),
-        jwt,
-        limits,
-        closing,
-        revocations: routes::Revocations::default(),
-        metrics: None,
-        ofrep_rate: ofrep::RateLimiter::default(),
-        mongo: None,
-    }
+    let hub = changegate_core::Hub::new(hub);
+    let engine = Engine::memory(keys, retention, hub.clone());
+    let options = state::Options { jwt, ..state::Options::new(limits) };
+    AppState::new(engine, hub, None, CancellationToken::new(), options)
 }

@@ -5,9 +5,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use changegate::jwt::JwtVerifier;
-use changegate::{Engine, Limits, keys};
-use changegate_core::{EnvironmentId, HubConfig, Retention, Scope, TenantId};
+use changegate::auth::jwt::JwtVerifier;
+use changegate::auth::keys;
+use changegate::state::{AppState, Options};
+use changegate::{Engine, Limits};
+use changegate_core::{EnvironmentId, Hub, HubConfig, Retention, Scope, TenantId};
 use changegate_postgres::{PgConfig, PgEngine, Store};
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
@@ -360,8 +362,10 @@ async fn serve(args: Serve, database_url: Option<String>) -> anyhow::Result<()> 
         tracing::warn!("--metrics-tenants without --metrics-token: /metrics lists tenant names to anyone");
     }
     let jwt = args.jwt_secret.as_deref().map(|s| JwtVerifier::new(s.as_bytes()));
-    let hub = HubConfig { buffer: args.buffer, grace: args.grace };
-    let state = match database_url.as_deref() {
+    let closing = CancellationToken::new();
+    // One hub: every source below delivers into it.
+    let hub = Hub::new(HubConfig { buffer: args.buffer, grace: args.grace });
+    let engine = match database_url.as_deref() {
         Some(url) => {
             anyhow::ensure!(
                 args.keys.is_none(),
@@ -371,45 +375,53 @@ async fn serve(args: Serve, database_url: Option<String>) -> anyhow::Result<()> 
             if args.migrate {
                 store.migrate().await.context("applying migrations")?;
             }
-            let closing = CancellationToken::new();
             let config = PgConfig {
                 retention_age: args.retention_age,
                 retention_events: args.outbox_max_rows,
                 prune_every: args.prune_every,
             };
-            let engine = PgEngine::start(store, config, hub, closing.clone())
+            let engine = PgEngine::start(store, config, hub.clone(), closing.clone())
                 .await
                 .context("starting the PostgreSQL engine")?;
-            changegate::state(Engine::Postgres(engine), jwt, limits, closing)
+            Engine::Postgres(std::sync::Arc::new(engine))
         }
-        None => memory(&args, hub, jwt, limits)?,
+        None => memory(&args, hub.clone())?,
     };
-    let mut state = state;
-    state.ofrep_rate = changegate::ofrep::RateLimiter::new(args.ofrep_rate_limit, args.ofrep_burst);
     #[cfg(not(feature = "mongo"))]
-    anyhow::ensure!(
-        args.mongodb_url.is_none(),
-        "--mongodb-url: this build of changegate has no MongoDB support (built without the `mongo` feature)"
-    );
+    let mongo = {
+        anyhow::ensure!(
+            args.mongodb_url.is_none(),
+            "--mongodb-url: this build of changegate has no MongoDB support (built without the `mongo` feature)"
+        );
+        None
+    };
     #[cfg(feature = "mongo")]
-    if let Some(url) = &args.mongodb_url {
-        let config = changegate::mongo::MongoConfig {
-            url: url.clone(),
-            database: args.mongodb_database.clone(),
-            tenant_field: args.mongodb_tenant_field.clone(),
-            max_await: args.mongodb_max_await,
-            pool: args.mongodb_pool,
-        };
-        let source = changegate::mongo::MongoSource::connect(&config, hub, state.closing.clone())
-            .await
-            .context("configuring MongoDB")?;
-        state.mongo = Some(std::sync::Arc::new(source));
-    }
-    state.metrics = Some(
-        metrics_exporter_prometheus::PrometheusBuilder::new()
-            .set_buckets(&[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5])?
-            .install_recorder()?,
-    );
+    let mongo = match &args.mongodb_url {
+        Some(url) => {
+            let config = changegate::mongo::MongoConfig {
+                url: url.clone(),
+                database: args.mongodb_database.clone(),
+                tenant_field: args.mongodb_tenant_field.clone(),
+                max_await: args.mongodb_max_await,
+                pool: args.mongodb_pool,
+            };
+            let source = changegate::mongo::MongoSource::connect(&config, hub.clone(), closing.clone())
+                .await
+                .context("configuring MongoDB")?;
+            Some(std::sync::Arc::new(source))
+        }
+        None => None,
+    };
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets(&[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5])?
+        .install_recorder()?;
+    let options = Options {
+        jwt,
+        limits,
+        ofrep_rate: changegate::auth::rate::RateLimiter::new(args.ofrep_rate_limit, args.ofrep_burst),
+        metrics: Some(metrics),
+    };
+    let state = AppState::new(engine, hub, mongo, closing, options);
     let listener =
         TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     let address = listener.local_addr()?;
@@ -418,9 +430,9 @@ async fn serve(args: Serve, database_url: Option<String>) -> anyhow::Result<()> 
         println!("try: curl -N 'http://{address}/v1/events/subscribe?topic=*&apikey=<the anon key above>'");
     }
 
-    let open_files = changegate::server::open_file_limit();
+    let open_files = changegate::net::server::open_file_limit();
     let max_connections = args.max_connections.unwrap_or_else(|| {
-        changegate::server::ConnectionLimits::default_cap(
+        changegate::net::server::ConnectionLimits::default_cap(
             open_files.unwrap_or(1024),
             args.reserved_connections,
         )
@@ -432,7 +444,7 @@ async fn serve(args: Serve, database_url: Option<String>) -> anyhow::Result<()> 
         header_timeout = ?args.header_timeout,
         "connection limits"
     );
-    let limits = changegate::server::ConnectionLimits {
+    let limits = changegate::net::server::ConnectionLimits {
         header_timeout: args.header_timeout,
         max_connections,
         reserved: args.reserved_connections,
@@ -478,12 +490,7 @@ async fn probe(listen: SocketAddr, path: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn memory(
-    args: &Serve,
-    hub: HubConfig,
-    jwt: Option<JwtVerifier>,
-    limits: Limits,
-) -> anyhow::Result<changegate::AppState> {
+fn memory(args: &Serve, hub: Hub) -> anyhow::Result<Engine> {
     let keys = match &args.keys {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -499,7 +506,7 @@ fn memory(
         }
     };
     let retention = Retention { max_events: args.retention_events, max_age: args.retention_age };
-    Ok(changegate::memory_state(keys, retention, hub, jwt, limits))
+    Ok(Engine::memory(keys, retention, hub))
 }
 
 /// Registers the SIGTERM and SIGINT handlers now — so a signal that arrives while the gateway

@@ -4,10 +4,17 @@
 //! Isolation happens inside MongoDB: every change stream starts with a `$match` on the tenant,
 //! read from `fullDocument` for inserts, updates and replaces and from
 //! `fullDocumentBeforeChange` (the pre-image) for deletes — so a delete whose pre-image is not
-//! available matches nothing and is never delivered, rather than leaked. This crate never talks
-//! to a server and never filters a shared stream by tenant itself.
+//! available matches nothing and is never delivered, rather than leaked. This crate never
+//! filters a shared stream by tenant itself, and never opens a change stream without that
+//! `$match` (the pipeline needs a parsed [`TenantField`]).
 //!
-//! [`source`] runs them with the official driver: one change stream per feed of its hub.
+//! # Layout
+//!
+//! * this file — the pure parts (names, the pipeline, resume tokens, event mapping), unit-tested
+//!   without a server;
+//! * [`source`] — the [`changegate_core::Source`] that runs them with the official driver: one
+//!   change stream per open feed, catch-ups from a client's token, resets numbered after what
+//!   was delivered.
 
 pub mod source;
 

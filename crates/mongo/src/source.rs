@@ -4,14 +4,14 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bson::{Bson, Document, doc};
 use changegate_core::backoff::Backoff;
-use changegate_core::hub::{OpenFuture, Upstream, UpstreamError};
+use changegate_core::source::{BoxFuture, CatchUp as Pages, Caught, OpenFuture, Source, SourceError, Start};
 use changegate_core::{
-    CollectionName, Epoch, Event, EventBody, Feed, FeedKey, Frame, Hub, HubConfig, Position, ResetReason,
+    CollectionName, Epoch, Event, EventBody, Feed, FeedKey, Filter, Frame, Hub, Position, ResetReason,
     TenantId, Timestamp,
 };
 use futures_util::StreamExt;
@@ -68,14 +68,13 @@ struct Shared {
     feeds: Mutex<HashMap<FeedKey, CancellationToken>>,
     preimages: Mutex<HashSet<String>>,
     open: AtomicU64,
-    /// Set right after the hub is built (the hub owns the upstream that owns this).
-    hub: OnceLock<Hub>,
+    /// Where the feeds' events go.
+    hub: Hub,
 }
 
-/// The MongoDB source and its hub.
+/// The MongoDB source: one change stream per open feed.
 pub struct MongoSource {
     shared: Arc<Shared>,
-    hub: Hub,
 }
 
 impl std::fmt::Debug for MongoSource {
@@ -89,10 +88,11 @@ fn driver_error(context: &str, error: &mongodb::error::Error) -> MongoError {
 }
 
 impl MongoSource {
-    /// Connects (lazily: the driver connects on first use). Feeds stop when `cancel` fires.
+    /// Connects (lazily: the driver connects on first use), delivering to `hub`. Feeds stop
+    /// when `cancel` fires.
     pub async fn connect(
         config: &MongoConfig,
-        hub: HubConfig,
+        hub: Hub,
         cancel: CancellationToken,
     ) -> Result<Self, MongoError> {
         let field = crate::TenantField::parse(&config.tenant_field)?;
@@ -110,16 +110,9 @@ impl MongoSource {
             feeds: Mutex::new(HashMap::new()),
             preimages: Mutex::new(HashSet::new()),
             open: AtomicU64::new(0),
-            hub: OnceLock::new(),
+            hub,
         });
-        let hub = Hub::new(hub, Arc::new(MongoUpstream(shared.clone())));
-        let _ = shared.hub.set(hub.clone());
-        Ok(Self { shared, hub })
-    }
-
-    /// The hub Mongo subscribers attach to.
-    pub fn hub(&self) -> &Hub {
-        &self.hub
+        Ok(Self { shared })
     }
 
     /// How many change streams are open.
@@ -327,26 +320,74 @@ impl Shared {
     }
 }
 
-struct MongoUpstream(Arc<Shared>);
-
-impl Upstream for MongoUpstream {
+impl Source for MongoSource {
     fn open(&self, key: &FeedKey) -> OpenFuture {
         let (ready, opened) = oneshot::channel();
-        let stop = self.0.cancel.child_token();
-        self.0.feeds.lock().unwrap_or_else(PoisonError::into_inner).insert(key.clone(), stop.clone());
-        tokio::spawn(watch(self.0.clone(), key.clone(), stop, ready));
+        let stop = self.shared.cancel.child_token();
+        self.shared.feeds.lock().unwrap_or_else(PoisonError::into_inner).insert(key.clone(), stop.clone());
+        tokio::spawn(watch(self.shared.clone(), key.clone(), stop, ready));
         let tenant = key.tenant.clone();
         Box::pin(async move {
-            let failed = |reason: String| UpstreamError { tenant: tenant.clone(), reason };
+            let failed =
+                |reason: String| SourceError::unavailable(&tenant, "opening a change stream", reason);
             opened.await.map_err(|_| failed("the change stream stopped".into()))?.map_err(failed)
         })
     }
 
     fn close(&self, key: &FeedKey) {
-        if let Some(stop) = self.0.feeds.lock().unwrap_or_else(PoisonError::into_inner).remove(key) {
+        if let Some(stop) = self.shared.feeds.lock().unwrap_or_else(PoisonError::into_inner).remove(key) {
             stop.cancel();
         }
     }
+
+    /// A resume token this source could have sent, or a position (which gets a `reset`).
+    fn accepts(&self, start: &Start) -> bool {
+        match start {
+            Start::Cursor(text) => ResumeToken::decode(text).is_ok(),
+            Start::After(_) | Start::Since(_) => true,
+        }
+    }
+
+    /// A change stream is its own log: the catch-up reads one of its own from the client's
+    /// resume token. A position is no place in it, so a client holding one (from another
+    /// source, or a `reset`'s) refetches.
+    fn replay(
+        self: Arc<Self>,
+        key: FeedKey,
+        _filter: Filter,
+        start: Start,
+        cap: u64,
+    ) -> BoxFuture<'static, Result<Pages, SourceError>> {
+        Box::pin(async move {
+            let token = match &start {
+                Start::Cursor(text) => {
+                    ResumeToken::decode(text).map_err(|_| SourceError::foreign(&key.tenant))?
+                }
+                Start::After(_) | Start::Since(_) => {
+                    let reset = catch_up_reset(&key);
+                    return Ok(
+                        Box::pin(futures_util::stream::once(async { Ok(Caught::Reset(reset)) })) as Pages
+                    );
+                }
+            };
+            let pages = self
+                .catch_up(&key, &token, cap)
+                .await
+                .map_err(|e| SourceError::unavailable(&key.tenant, "resuming a change stream", e))?;
+            let tenant = key.tenant.clone();
+            Ok(Box::pin(pages.map(move |page| match page {
+                Ok(CatchUp::Events(frames)) => Ok(Caught::Page(frames)),
+                Ok(CatchUp::Lost) => Ok(Caught::Reset(catch_up_reset(&key))),
+                Err(error) => Err(SourceError::unavailable(&tenant, "reading a change stream", error)),
+            })) as Pages)
+        })
+    }
+}
+
+/// The `reset` ending a catch-up that cannot continue: it comes before any live event of the
+/// subscriber, so it is numbered before all of them (nothing live is skipped after it).
+fn catch_up_reset(key: &FeedKey) -> Arc<Frame> {
+    changegate_core::source::reset(key, Position::new(MONGO_EPOCH, 0), ResetReason::PositionExpired)
 }
 
 /// One feed's change stream: dispatches every event to the hub; after an error it re-opens
@@ -367,7 +408,7 @@ async fn watch(
     let mut ready = Some(ready);
     let mut resume: Option<ResumeToken> = None;
     let mut backoff = Backoff::default();
-    let Some(hub) = shared.hub.get().cloned() else { return };
+    let hub = shared.hub.clone();
     // One numbering for the feed's whole life, across reopens: a reset after a lost history is
     // numbered after every change already delivered, so no subscriber's seam skips it.
     let mut order = OplogOrder::default();

@@ -4,14 +4,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use changegate_core::{
-    Epoch, FeedKey, Filter, Frame, Hub, HubConfig, Position, Replay, Start, TenantId, Topic,
-};
+use changegate_core::source::{BoxFuture, CatchUp, Log, OpenFuture, Source, SourceError, Start, paged};
+use changegate_core::{Epoch, FeedKey, Filter, Frame, Hub, Position, Replay, TenantId, Topic};
 use serde_json::Value;
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::source::{Listener, PgUpstream};
+use crate::source::{Command, Listener};
 use crate::store::Store;
 use crate::{PgError, channel};
 
@@ -29,8 +28,9 @@ pub struct PgConfig {
 /// The running engine.
 pub struct PgEngine {
     store: Store,
-    hub: Hub,
     epoch: Epoch,
+    /// Requests to the LISTEN task (open and close feeds).
+    commands: mpsc::UnboundedSender<Command>,
     listening: watch::Receiver<bool>,
     revoked: broadcast::Sender<String>,
 }
@@ -42,17 +42,16 @@ impl std::fmt::Debug for PgEngine {
 }
 
 impl PgEngine {
-    /// Starts the engine on a migrated database: the LISTEN source and the retention task run
-    /// until `cancel` is cancelled.
+    /// Starts the engine on a migrated database, delivering to `hub`: the LISTEN source and the
+    /// retention task run until `cancel` is cancelled.
     pub async fn start(
         store: Store,
         config: PgConfig,
-        hub: HubConfig,
+        hub: Hub,
         cancel: CancellationToken,
     ) -> Result<Self, PgError> {
         let epoch = store.epoch().await?;
         let (commands, command_receiver) = mpsc::unbounded_channel();
-        let hub = Hub::new(hub, Arc::new(PgUpstream { commands }));
         let (ready, listening) = watch::channel(false);
         let (revoked, _) = broadcast::channel(256);
         let listener = Listener::new(
@@ -66,17 +65,12 @@ impl PgEngine {
         );
         tokio::spawn(listener.run());
         tokio::spawn(prune(store.clone(), config, cancel));
-        Ok(Self { store, hub, epoch, listening, revoked })
+        Ok(Self { store, epoch, commands, listening, revoked })
     }
 
     /// The store, for keys and administration.
     pub fn store(&self) -> &Store {
         &self.store
-    }
-
-    /// The hub subscribers attach to.
-    pub fn hub(&self) -> &Hub {
-        &self.hub
     }
 
     /// Whether the LISTEN connection is up.
@@ -103,7 +97,7 @@ impl PgEngine {
         &self,
         key: &FeedKey,
         filter: &Filter,
-        start: Start,
+        start: &Start,
         limit: usize,
     ) -> Result<Replay, PgError> {
         let name = channel(key);
@@ -122,6 +116,8 @@ impl PgEngine {
             Start::Since(at) => {
                 self.store.replay_since(&name, &key.tenant, at.as_millis(), limit, self.epoch).await?
             }
+            // Not an id this engine sends.
+            Start::Cursor(_) => return Ok(Replay::Reset),
         };
         let next = (events.len() == limit).then(|| events.last().map(|e| e.position)).flatten();
         let frames =
@@ -143,6 +139,78 @@ impl PgEngine {
     /// Where a client continues after a `reset` on `key`.
     pub async fn head(&self, key: &FeedKey) -> Result<Position, PgError> {
         Ok(Position::new(self.epoch, self.store.head(&channel(key)).await?))
+    }
+}
+
+fn unavailable<'a>(tenant: &'a TenantId, what: &'static str) -> impl FnOnce(PgError) -> SourceError + 'a {
+    move |error| SourceError::unavailable(tenant, what, error)
+}
+
+impl Log for PgEngine {
+    fn page(
+        &self,
+        key: &FeedKey,
+        filter: &Filter,
+        start: &Start,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Replay, SourceError>> {
+        let (key, filter, start) = (key.clone(), filter.clone(), start.clone());
+        Box::pin(async move {
+            self.replay(&key, &filter, &start, limit)
+                .await
+                .map_err(unavailable(&key.tenant, "reading the outbox"))
+        })
+    }
+
+    fn exceeds(&self, key: &FeedKey, after: Position, cap: u64) -> BoxFuture<'_, Result<bool, SourceError>> {
+        let key = key.clone();
+        Box::pin(async move {
+            self.backlog_exceeds(&key, after, cap)
+                .await
+                .map_err(unavailable(&key.tenant, "counting the outbox"))
+        })
+    }
+
+    fn head(&self, key: &FeedKey) -> BoxFuture<'_, Result<Position, SourceError>> {
+        let key = key.clone();
+        Box::pin(async move {
+            PgEngine::head(self, &key).await.map_err(unavailable(&key.tenant, "reading the outbox head"))
+        })
+    }
+}
+
+impl Source for PgEngine {
+    fn open(&self, key: &FeedKey) -> OpenFuture {
+        let (done, answer) = oneshot::channel();
+        let sent = self.commands.send(Command::Listen { key: key.clone(), done });
+        let tenant = key.tenant.clone();
+        Box::pin(async move {
+            let stopped = || SourceError::unavailable(&tenant, "listening", "the listener has stopped");
+            sent.map_err(|_| stopped())?;
+            answer
+                .await
+                .map_err(|_| stopped())?
+                .map_err(|reason| SourceError::unavailable(&tenant, "listening", reason))
+        })
+    }
+
+    fn close(&self, key: &FeedKey) {
+        // If the listener is gone there is nothing left to close.
+        let _ = self.commands.send(Command::Unlisten { key: key.clone() });
+    }
+
+    fn accepts(&self, start: &Start) -> bool {
+        changegate_core::source::log_accepts(start)
+    }
+
+    fn replay(
+        self: Arc<Self>,
+        key: FeedKey,
+        filter: Filter,
+        start: Start,
+        cap: u64,
+    ) -> BoxFuture<'static, Result<CatchUp, SourceError>> {
+        paged(self, key, filter, start, cap)
     }
 }
 

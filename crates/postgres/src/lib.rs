@@ -6,6 +6,15 @@
 //! that tenant and table, and every replay query is keyed by channel *and* tenant. This crate
 //! never speaks HTTP, never logs a key, and never splices a caller's text into SQL: names are
 //! resolved through the catalog (`to_regclass`) and passed as parameters.
+//!
+//! # Layout
+//!
+//! * [`migrate`] — the schema and the capture trigger; [`store`] — every query (outbox, keys,
+//!   tenants, flags, retention);
+//! * `engine` — [`PgEngine`], the [`changegate_core::Source`] of messages, flags and tables:
+//!   opens feeds through the LISTEN task, reads catch-ups in keyset pages;
+//! * `source` — the LISTEN task (reconnects, replays what it missed while down); `event` — a
+//!   NOTIFY payload or outbox row to an event; `channel` — feed to channel name.
 
 mod channel;
 mod engine;

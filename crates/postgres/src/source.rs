@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use changegate_core::backoff::Backoff;
-use changegate_core::hub::{OpenFuture, Upstream, UpstreamError};
 use changegate_core::{Epoch, Event, FeedKey, Frame, Hub};
 use futures_util::StreamExt;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
@@ -24,29 +23,6 @@ use crate::{PgError, channel};
 pub(crate) enum Command {
     Listen { key: FeedKey, done: oneshot::Sender<Result<(), String>> },
     Unlisten { key: FeedKey },
-}
-
-/// The hub's view of the listener.
-pub(crate) struct PgUpstream {
-    pub(crate) commands: mpsc::UnboundedSender<Command>,
-}
-
-impl Upstream for PgUpstream {
-    fn open(&self, key: &FeedKey) -> OpenFuture {
-        let (done, answer) = oneshot::channel();
-        let sent = self.commands.send(Command::Listen { key: key.clone(), done });
-        let tenant = key.tenant.clone();
-        Box::pin(async move {
-            let failed = |reason: String| UpstreamError { tenant: tenant.clone(), reason };
-            sent.map_err(|_| failed("the listener has stopped".into()))?;
-            answer.await.map_err(|_| failed("the listener has stopped".into()))?.map_err(failed)
-        })
-    }
-
-    fn close(&self, key: &FeedKey) {
-        // If the listener is gone there is nothing left to close.
-        let _ = self.commands.send(Command::Unlisten { key: key.clone() });
-    }
 }
 
 struct Listened {

@@ -14,14 +14,13 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use changegate_core::EnvironmentId;
-use changegate_core::auth::Action;
 use changegate_flags::eval::{EvalError, Reason, evaluate as evaluate_flag};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use crate::auth::{QueryKey, authenticate};
+use crate::auth::{Authenticated, ReadFlags};
 use crate::error::ApiError;
-use crate::routes::AppState;
+use crate::state::AppState;
 
 /// A Togul-shaped error.
 pub(crate) fn error(status: StatusCode, code: &str, message: &str) -> Response {
@@ -62,17 +61,8 @@ fn reason(reason: Reason) -> &'static str {
 
 /// `POST /api/v1/evaluate`.
 pub(crate) async fn evaluate(State(app): State<AppState>, headers: HeaderMap, bytes: Bytes) -> Response {
-    let principal = match authenticate(
-        &app.engine,
-        app.jwt.as_ref(),
-        &headers,
-        None,
-        QueryKey::Refused,
-        Action::ReadFlags,
-    )
-    .await
-    {
-        Ok(principal) => principal,
+    let principal = match Authenticated::<ReadFlags>::check(&app, &headers, None).await {
+        Ok(authenticated) => authenticated.principal,
         Err(error) => return from_api(&error),
     };
     let request: EvaluateRequest = match serde_json::from_slice(&bytes) {

@@ -4,17 +4,90 @@
 //! JWT>` (or `Authorization: <key>` with no scheme, when it has our key syntax `flc_…`), `apikey`,
 //! `X-API-Key`, and — on SSE GET routes only — the `apikey` query parameter. A header always
 //! wins over the query parameter. Only read-only keys may travel in a URL.
+//!
+//! Routes learn their caller only through [`Authenticated`], typed by what the route lets the
+//! caller do ([`Permission`]). [`keys`] loads key files, [`jwt`] verifies tokens, [`rate`]
+//! keeps per-key budgets.
 
+pub mod jwt;
+pub mod keys;
+pub mod rate;
+
+use std::marker::PhantomData;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use axum::extract::FromRequestParts;
 use axum::http::HeaderMap;
 use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
 use changegate_core::auth::Action;
 use changegate_core::{ApiKey, Principal, Role};
 
-use crate::engine::Engine;
+use crate::auth::jwt::{JwtError, JwtVerifier};
 use crate::error::ApiError;
-use crate::jwt::{JwtError, JwtVerifier};
+use crate::query::Query;
+use crate::state::AppState;
+
+/// What a route lets its caller do, as a type: a handler that takes
+/// `Authenticated<Publish>` cannot run for a caller who may not publish.
+pub trait Permission: Send + Sync + 'static {
+    /// The action checked against the caller's scope.
+    const ACTION: Action;
+    /// Whether the credential may come from `?apikey=`.
+    const QUERY_KEY: QueryKey;
+}
+
+macro_rules! permissions {
+    ($($(#[$doc:meta])* $name:ident = $action:ident, $query:ident;)*) => {$(
+        $(#[$doc])*
+        #[derive(Debug)]
+        pub struct $name;
+        impl Permission for $name {
+            const ACTION: Action = Action::$action;
+            const QUERY_KEY: QueryKey = QueryKey::$query;
+        }
+    )*};
+}
+
+permissions! {
+    /// Open a realtime stream (an SSE GET: browsers may pass a read-only key in the URL).
+    Subscribe = Subscribe, Allowed;
+    /// Publish application messages.
+    Publish = Publish, Refused;
+    /// Open a flag stream (an SSE GET: a read-only key may come in the URL).
+    StreamFlags = ReadFlags, Allowed;
+    /// Read or evaluate flags (headers only).
+    ReadFlags = ReadFlags, Refused;
+    /// Manage environments, flags and segments (a service key or a JWT).
+    ManageFlags = ManageFlags, Refused;
+}
+
+/// The caller of a request, authenticated and allowed `P` — the one way a route learns who
+/// calls it. As an extractor it reads `apikey` from the query string by the one policy of
+/// [`crate::query`]; routes that answer in their own error shape call [`Authenticated::check`].
+#[derive(Debug)]
+pub struct Authenticated<P: Permission> {
+    /// Who it is.
+    pub principal: Principal,
+    permission: PhantomData<P>,
+}
+
+impl<P: Permission> Authenticated<P> {
+    /// Authenticates a request with `headers` and, where `P` allows it, `apikey` from the URL.
+    pub async fn check(app: &AppState, headers: &HeaderMap, apikey: Option<&str>) -> Result<Self, ApiError> {
+        let principal = authenticate(app, headers, apikey, P::QUERY_KEY, P::ACTION).await?;
+        Ok(Self { principal, permission: PhantomData })
+    }
+}
+
+impl<P: Permission> FromRequestParts<AppState> for Authenticated<P> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, ApiError> {
+        let query = Query::parse(parts.uri.query())?;
+        Self::check(app, &parts.headers, query.get("apikey")?).await
+    }
+}
 
 /// Whether the route accepts `?apikey=` (SSE GET routes, for browsers' `EventSource`).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -99,7 +172,7 @@ tokio::task_local! {
 }
 
 /// Runs `request` (a handler, inside the access log) and says which tenant it authenticated
-/// as, however and wherever it did: [`authenticate`] notes it here.
+/// as, however and wherever it did: authentication notes it here.
 pub async fn logging_tenant<F: std::future::Future>(
     request: F,
 ) -> (F::Output, Option<changegate_core::TenantId>) {
@@ -113,15 +186,14 @@ pub async fn logging_tenant<F: std::future::Future>(
 
 /// Authenticates a request and checks that it may perform `action`; failures are counted by
 /// reason.
-pub async fn authenticate(
-    engine: &Engine,
-    jwt: Option<&JwtVerifier>,
+async fn authenticate(
+    app: &AppState,
     headers: &HeaderMap,
     query: Option<&str>,
     query_key: QueryKey,
     action: Action,
 ) -> Result<Principal, ApiError> {
-    let result = authenticate_inner(engine, jwt, headers, query, query_key, action).await;
+    let result = authenticate_inner(app, headers, query, query_key, action).await;
     match &result {
         Err(error) => {
             metrics::counter!("changegate_auth_failures_total", "reason" => error.code()).increment(1);
@@ -135,8 +207,7 @@ pub async fn authenticate(
 }
 
 async fn authenticate_inner(
-    engine: &Engine,
-    jwt: Option<&JwtVerifier>,
+    app: &AppState,
     headers: &HeaderMap,
     query: Option<&str>,
     query_key: QueryKey,
@@ -153,7 +224,7 @@ async fn authenticate_inner(
         if from_query && !key.scope().is_read_only() {
             return Err(ApiError::CredentialInQuery(privileged_name(key.scope())));
         }
-        let record = engine.find_key(&key).await?.ok_or(ApiError::InvalidKey)?;
+        let record = app.engine.find_key(&key).await?.ok_or(ApiError::InvalidKey)?;
         if record.revoked {
             return Err(ApiError::RevokedKey);
         }
@@ -167,7 +238,7 @@ async fn authenticate_inner(
         if from_query {
             return Err(ApiError::CredentialInQuery("a JWT"));
         }
-        let verifier = jwt.ok_or(JwtError::NotConfigured)?;
+        let verifier: &JwtVerifier = app.jwt.as_ref().ok_or(JwtError::NotConfigured)?;
         let tenant = verifier.verify(text, unix_now())?;
         Principal { tenant, environment: None, role: Role::Token, key_id: None }
     };

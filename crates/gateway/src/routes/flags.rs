@@ -6,17 +6,17 @@ use axum::extract::{FromRequestParts, Path, RawQuery, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use changegate_core::auth::Action;
-use changegate_core::{EnvironmentId, Feed, FeedKey, Filter, Principal};
+use changegate_core::{EnvironmentId, Feed, FeedKey, Filter, Principal, Start};
 use changegate_flags::{FlagSpec, NewFlag, Rule, SegmentSpec};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-use crate::auth::{QueryKey, authenticate};
+use crate::auth::{Authenticated, ManageFlags, StreamFlags};
 use crate::error::ApiError;
 use crate::query::Query;
-use crate::routes::{AppState, Ids, Resume, open_stream};
-use crate::sse::Wire;
+use crate::state::AppState;
+use crate::stream::sse::Wire;
+use crate::stream::{Ids, Resume, open_stream};
 
 /// One query parameter, by the one query-string policy ([`crate::query`]).
 pub(crate) fn query_param(raw: Option<&str>, name: &str) -> Result<Option<String>, ApiError> {
@@ -24,31 +24,7 @@ pub(crate) fn query_param(raw: Option<&str>, name: &str) -> Result<Option<String
 }
 
 /// An authenticated flag manager (service key or JWT).
-pub(crate) struct Manager(Principal);
-
-impl FromRequestParts<AppState> for Manager {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, ApiError> {
-        let principal =
-            request_principal(app, &parts.headers, parts.uri.query(), QueryKey::Refused, Action::ManageFlags)
-                .await?;
-        Ok(Self(principal))
-    }
-}
-
-/// The caller of a request for `action`: its header credential, or — where `query_key` allows —
-/// the `apikey` query parameter (the query string parsed by [`query_param`]'s rules).
-pub(crate) async fn request_principal(
-    app: &AppState,
-    headers: &HeaderMap,
-    query: Option<&str>,
-    query_key: QueryKey,
-    action: Action,
-) -> Result<Principal, ApiError> {
-    let apikey = query_param(query, "apikey")?;
-    authenticate(&app.engine, app.jwt.as_ref(), headers, apikey.as_deref(), query_key, action).await
-}
+type Manager = Authenticated<ManageFlags>;
 
 /// A management request on one environment, with its `If-Match` version.
 pub(crate) struct Scoped {
@@ -61,7 +37,7 @@ impl FromRequestParts<AppState> for Scoped {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, ApiError> {
-        let Manager(principal) = Manager::from_request_parts(parts, app).await?;
+        let principal = Manager::from_request_parts(parts, app).await?.principal;
         let env = environment(&principal, parts.uri.query())?;
         let expected = if_match(&parts.headers)?;
         Ok(Self { principal, env, expected })
@@ -118,7 +94,7 @@ pub(crate) async fn list_environments(
     State(app): State<AppState>,
     manager: Manager,
 ) -> Result<Response, ApiError> {
-    let Manager(principal) = manager;
+    let principal = manager.principal;
     let environments = app.engine.environments(&principal.tenant).await?;
     Ok(axum::Json(json!({ "environments": environments })).into_response())
 }
@@ -128,7 +104,7 @@ pub(crate) async fn create_environment(
     manager: Manager,
     bytes: Bytes,
 ) -> Result<Response, ApiError> {
-    let Manager(principal) = manager;
+    let principal = manager.principal;
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]
     struct NewEnvironment {
@@ -348,7 +324,7 @@ pub(crate) async fn rotate_key(
     manager: Manager,
     bytes: Bytes,
 ) -> Result<Response, ApiError> {
-    let Manager(principal) = manager;
+    let principal = manager.principal;
     #[derive(serde::Deserialize, Default)]
     #[serde(deny_unknown_fields)]
     struct RotateBody {
@@ -375,7 +351,8 @@ async fn reader(
     headers: &HeaderMap,
     raw: Option<&str>,
 ) -> Result<(Principal, FeedKey, Filter), ApiError> {
-    let principal = request_principal(app, headers, raw, QueryKey::Allowed, Action::ReadFlags).await?;
+    let apikey = query_param(raw, "apikey")?;
+    let principal = Authenticated::<StreamFlags>::check(app, headers, apikey.as_deref()).await?.principal;
     let key = FeedKey { tenant: principal.tenant.clone(), feed: Feed::Flags };
     let filter = Filter::Environment(principal.environment.clone());
     Ok((principal, key, filter))
@@ -414,10 +391,10 @@ pub(crate) async fn stream_c(
 ) -> Result<Response, ApiError> {
     let (principal, key, filter) = reader(&app, &headers, raw.as_deref()).await?;
     let resume = last_event_id(&headers, Ids::EpochMillis)?;
-    let since = match resume {
-        Some(Resume::Since(ms)) => Some(ms),
-        _ => None,
+    let since = match &resume {
+        Some(Resume::From(Start::Since(at))) => at.as_millis(),
+        _ => 0,
     };
-    let wire = Wire::FlagsC { last_id: since.unwrap_or(0) };
+    let wire = Wire::FlagsC { last_id: since };
     open_stream(&app, &principal, key, filter, resume, wire, app.limits.flags_heartbeat[2]).await
 }

@@ -16,7 +16,7 @@
 //! * each refusal is counted (`changegate_connections_refused_total{reason}`) and logged at most
 //!   once per ten seconds, with how many were suppressed.
 //!
-//! Writes that stay blocked are bounded separately, by [`crate::stall`].
+//! Writes that stay blocked are bounded separately, by [`crate::net::stall`].
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -32,9 +32,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::direct::{self, Head, Rewind};
 use crate::error::ApiError;
-use crate::stall::Guarded;
+use crate::net::direct::{self, Head, Rewind};
+use crate::net::stall::Guarded;
 
 /// Connection limits.
 #[derive(Clone, Copy, Debug)]

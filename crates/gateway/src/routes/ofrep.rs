@@ -2,93 +2,26 @@
 //! ETag, per-key rate limits, and the SSE change notifications of the protocol's event-stream
 //! decision (`eventStreams` in the bulk response; `refetchEvaluation` events).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
-
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use changegate_core::auth::Action;
 use changegate_core::{EnvironmentId, Feed, FeedKey, Filter, Principal, Role};
 use changegate_flags::Environment as FlagEnvironment;
 use changegate_flags::eval::{EvalError, Resolution, evaluate};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::auth::{QueryKey, authenticate};
+use crate::auth::{Authenticated, Permission, ReadFlags, StreamFlags};
 use crate::error::ApiError;
 use crate::query::Query;
-use crate::routes::{AppState, Ids, Resume, open_stream};
-use crate::sse::Wire;
+use crate::state::AppState;
+use crate::stream::sse::Wire;
+use crate::stream::{Ids, Resume, open_stream};
 
 /// How long an idle client may keep the notification stream (advertised as
 /// `inactivityDelaySec`).
 const INACTIVITY_DELAY_SEC: u64 = 120;
-
-/// A token bucket per key: `rate` evaluations per second on average, `burst` at once. OFREP's
-/// server-side providers do not cache — every flag read is a request — so the defaults
-/// (`--ofrep-rate-limit 5000`, `--ofrep-burst 10000`) let one application evaluate thousands of
-/// flags a second; abuse still gets `429` with `Retry-After`.
-///
-/// The table cannot grow without bound: a bucket idle long enough to have refilled is the same
-/// as no bucket, so such entries are evicted whenever the table has doubled since the last sweep.
-#[derive(Clone, Debug, Default)]
-pub struct RateLimiter {
-    rate: f64,
-    burst: f64,
-    buckets: Arc<Mutex<Buckets>>,
-}
-
-#[derive(Debug, Default)]
-struct Buckets {
-    by_key: HashMap<String, (f64, Instant)>,
-    /// Table size after the last sweep: the next one comes when it has doubled.
-    swept_at: usize,
-}
-
-/// Fewest entries before the table is swept at all.
-const SWEEP_FLOOR: usize = 1024;
-
-impl RateLimiter {
-    /// A limiter allowing `rate` requests per second per key with bursts of `burst` (`rate` 0:
-    /// unlimited; `burst` is at least 1).
-    pub fn new(rate: u32, burst: u32) -> Self {
-        Self { rate: f64::from(rate), burst: f64::from(burst.max(1)), buckets: Arc::default() }
-    }
-
-    /// `Ok` if `who` may make a request now; otherwise how long until it may.
-    fn check(&self, who: &str) -> Result<(), Duration> {
-        self.check_at(who, Instant::now())
-    }
-
-    fn check_at(&self, who: &str, now: Instant) -> Result<(), Duration> {
-        if self.rate <= 0.0 {
-            return Ok(());
-        }
-        let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
-        if buckets.by_key.len() >= (buckets.swept_at * 2).max(SWEEP_FLOOR) {
-            let refill = Duration::from_secs_f64(self.burst / self.rate);
-            buckets.by_key.retain(|_, (_, at)| now.saturating_duration_since(*at) < refill);
-            buckets.swept_at = buckets.by_key.len();
-        }
-        let (tokens, at) = buckets.by_key.entry(who.to_owned()).or_insert((self.burst, now));
-        *tokens = (*tokens + now.saturating_duration_since(*at).as_secs_f64() * self.rate).min(self.burst);
-        *at = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(Duration::from_secs_f64((1.0 - *tokens) / self.rate))
-        }
-    }
-
-    /// How many keys have a bucket (a gauge for operators; bounded by eviction).
-    pub fn tracked(&self) -> usize {
-        self.buckets.lock().unwrap_or_else(PoisonError::into_inner).by_key.len()
-    }
-}
 
 /// An OFREP error body, in the protocol's shape, with its status.
 fn failure(status: StatusCode, key: Option<&str>, code: &str, details: &str) -> Response {
@@ -113,11 +46,10 @@ fn success(key: &str, resolution: Resolution) -> Value {
 
 /// Authenticates an evaluation (JWT or `sdk`/`stream`/`service` key), applies the rate limit,
 /// and finds the environment: the key's own, or `?environment=`.
-async fn caller(
+async fn caller<P: Permission>(
     app: &AppState,
     headers: &HeaderMap,
     raw: Option<&str>,
-    query_key: QueryKey,
 ) -> Result<(Principal, EnvironmentId), Response> {
     // A malformed query is answered in the protocol's shape, like the rest of its 400s.
     let bad_query = |e: ApiError| failure(StatusCode::BAD_REQUEST, None, "GENERAL", &e.to_string());
@@ -127,10 +59,10 @@ async fn caller(
         (Ok(apikey), Ok(asked)) => (apikey, asked),
         (Err(e), _) | (_, Err(e)) => return Err(bad_query(e)),
     };
-    let principal =
-        authenticate(&app.engine, app.jwt.as_ref(), headers, apikey.as_deref(), query_key, Action::ReadFlags)
-            .await
-            .map_err(IntoResponse::into_response)?;
+    let principal = Authenticated::<P>::check(app, headers, apikey.as_deref())
+        .await
+        .map_err(IntoResponse::into_response)?
+        .principal;
     let who = principal.key_id.clone().unwrap_or_else(|| format!("jwt:{}", principal.tenant));
     if let Err(wait) = app.ofrep_rate.check(&who) {
         let seconds = wait.as_secs() + 1;
@@ -184,7 +116,7 @@ async fn load(
     bytes: &Bytes,
     key: Option<&str>,
 ) -> Result<(Principal, EnvironmentId, Map<String, Value>, FlagEnvironment), Response> {
-    let (principal, environment) = caller(app, headers, raw, QueryKey::Refused).await?;
+    let (principal, environment) = caller::<ReadFlags>(app, headers, raw).await?;
     let context =
         context(bytes).map_err(|(code, details)| failure(StatusCode::BAD_REQUEST, key, code, &details))?;
     let state =
@@ -303,7 +235,7 @@ pub(crate) async fn events(
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    let (principal, environment) = match caller(&app, &headers, raw.as_deref(), QueryKey::Allowed).await {
+    let (principal, environment) = match caller::<StreamFlags>(&app, &headers, raw.as_deref()).await {
         Ok(found) => found,
         Err(response) => return Ok(response),
     };
@@ -315,35 +247,4 @@ pub(crate) async fn events(
         Err(foreign) => return Ok(failure(StatusCode::BAD_REQUEST, None, "GENERAL", foreign.message())),
     };
     open_stream(&app, &principal, key, filter, resume, Wire::Ofrep, app.limits.flags_heartbeat[0]).await
-}
-
-#[cfg(test)]
-mod rate_tests {
-    use super::*;
-
-    #[test]
-    fn a_key_gets_its_burst_then_its_rate_then_429_with_the_wait() {
-        let limiter = RateLimiter::new(10, 50);
-        let start = Instant::now();
-        assert!((0..50).all(|_| limiter.check_at("k", start).is_ok()));
-        let wait = limiter.check_at("k", start).unwrap_err();
-        assert!(wait > Duration::ZERO && wait <= Duration::from_millis(100), "{wait:?}");
-        // A second later: ten more, not fifty.
-        let later = start + Duration::from_secs(1);
-        assert_eq!((0..50).filter(|_| limiter.check_at("k", later).is_ok()).count(), 10);
-        // Another key has its own bucket.
-        assert!(limiter.check_at("other", later).is_ok());
-    }
-
-    #[test]
-    fn idle_keys_are_evicted_so_the_table_stays_bounded() {
-        let limiter = RateLimiter::new(100, 100);
-        let mut now = Instant::now();
-        for i in 0..100_000 {
-            // One new key every 10 ms: a bucket refills in one second, so at most ~100 are live.
-            now += Duration::from_millis(10);
-            limiter.check_at(&format!("key-{i}"), now).unwrap();
-        }
-        assert!(limiter.tracked() <= 2 * SWEEP_FLOOR, "{} buckets kept", limiter.tracked());
-    }
 }

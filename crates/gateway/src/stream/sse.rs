@@ -1,7 +1,7 @@
 //! Server-Sent Events: the realtime dialect's framing and the per-connection stream.
 //!
 //! An event is encoded once (see [`Frame::encoded`]) and the same bytes go to every subscriber.
-//! A connection's stream is: `retry:` → optional `reset` → the catch-up ([`Backlog`], read one
+//! A connection's stream is: `retry:` → a snapshot, where it has one → the catch-up ([`CatchUp`], read one
 //! page at a time and written before the next is read) → live events, with heartbeat comments
 //! in between. A live event at or before the last caught-up position is skipped, which makes
 //! the catch-up/live seam exact.
@@ -16,7 +16,9 @@ use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use changegate_core::event::Dialect;
-use changegate_core::{Event, EventBody, Frame, Position, ResetReason, Subscription, Timestamp, Topic};
+use changegate_core::{
+    CatchUp, Caught, Event, EventBody, Frame, Position, ResetReason, Subscription, Timestamp, Topic,
+};
 use changegate_flags::dialect;
 use serde::Serialize;
 use serde_json::Value;
@@ -65,11 +67,6 @@ pub fn encode_realtime(event: &Event) -> Bytes {
     message(Some(&event.sse_id()), None, &data)
 }
 
-/// The `reset` event: the client's position is gone; it must refetch, then continue from `id`.
-pub fn reset(head: Position) -> Bytes {
-    reset_with(&head.to_string(), ResetReason::PositionExpired)
-}
-
 fn reset_with(id: &str, reason: ResetReason) -> Bytes {
     let data = format!(r#"{{"reason":"{}"}}"#, reason.as_str());
     message(Some(id), Some("reset"), &data)
@@ -84,34 +81,12 @@ const HEARTBEAT: &[u8] = b": heartbeat\n\n";
 /// Most events written in one chunk when several are waiting: fewer, larger writes.
 const COALESCE: usize = 64;
 
-/// One step of a catch-up, as a source reads it.
-#[derive(Debug)]
-pub enum Caught {
-    /// The next page of events, in order.
-    Page(Vec<Arc<Frame>>),
-    /// The catch-up cannot continue without a gap: send `bytes` (a `reset` event), then go
-    /// live, skipping live events up to `after` (`None`: skip nothing).
-    Reset {
-        /// The encoded `reset`.
-        bytes: Bytes,
-        /// Where the client continues.
-        after: Option<Position>,
-    },
-    /// The source failed mid-way: the connection ends with a `retry:` hint, and the client
-    /// resumes from the last id it received.
-    Failed,
-}
-
-/// A catch-up: pages pulled only as fast as the socket takes them, so a client resuming from
-/// far back costs one page of memory, not its whole history.
-pub type Backlog = Pin<Box<dyn futures_util::Stream<Item = Caught> + Send>>;
-
 /// Everything a live SSE connection needs.
 pub struct Connection {
     /// Sent first, in order: `retry:`, a `reset` if any.
     pub prelude: Vec<Bytes>,
     /// The catch-up, sent after the prelude and before live events.
-    pub backlog: Option<Backlog>,
+    pub backlog: Option<CatchUp>,
     /// The live events.
     pub subscription: Subscription,
     /// Where the client already is: live events up to it are duplicates.
@@ -203,7 +178,7 @@ enum Step {
 
 struct State {
     prelude: std::vec::IntoIter<Bytes>,
-    backlog: Option<Backlog>,
+    backlog: Option<CatchUp>,
     subscription: Subscription,
     after: Option<u64>,
     heartbeat: tokio::time::Interval,
@@ -274,7 +249,7 @@ impl State {
                 caught = futures_util::StreamExt::next(backlog) => caught,
             };
             match caught {
-                Some(Caught::Page(frames)) => {
+                Some(Ok(Caught::Page(frames))) => {
                     self.metrics.replayed.increment(frames.len() as u64);
                     let mut out = BytesMut::new();
                     for frame in &frames {
@@ -291,13 +266,19 @@ impl State {
                         return Step::Send(out.freeze());
                     }
                 }
-                Some(Caught::Reset { bytes, after }) => {
+                Some(Ok(Caught::Reset(reset))) => {
                     self.metrics.resets.increment(1);
                     self.backlog = None;
-                    self.after = after.map(Position::seq);
-                    return Step::Send(bytes);
+                    // Live events up to the reset are covered by the client's refetch.
+                    self.after = Some(reset.position().seq());
+                    // The same `reset` event on every dialect's stream.
+                    return Step::Send(reset.encoded(Dialect::Realtime, encode_realtime));
                 }
-                Some(Caught::Failed) => return Step::Finish(retry(self.retry)),
+                Some(Err(error)) => {
+                    // The client resumes from the last id it received.
+                    tracing::warn!(tenant = %self.tenant, %error, "a catch-up failed mid-way; the client resumes");
+                    return Step::Finish(retry(self.retry));
+                }
                 None => self.backlog = None,
             }
         }
@@ -452,7 +433,13 @@ mod tests {
 
     #[test]
     fn a_reset_names_the_reason_and_where_to_continue() {
-        let bytes = reset(Position::new(Epoch(1), 9));
+        let key = changegate_core::FeedKey {
+            tenant: TenantId::parse("acme").unwrap(),
+            feed: changegate_core::Feed::Messages,
+        };
+        let reset =
+            changegate_core::source::reset(&key, Position::new(Epoch(1), 9), ResetReason::PositionExpired);
+        let bytes = encode_realtime(reset.event());
         assert_eq!(&bytes[..], b"event: reset\nid: 00000001-9\ndata: {\"reason\":\"position-expired\"}\n\n");
     }
 }

@@ -12,26 +12,26 @@ use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use changegate_core::auth::Action;
 use changegate_core::sse::message;
 use changegate_core::{EnvironmentId, Feed, FeedKey, Filter, Principal};
 use changegate_flags::featureflip;
 use serde_json::Value;
 
-use crate::auth::QueryKey;
+use super::flags::{environment, query_param};
+use crate::auth::{Authenticated, Permission, ReadFlags, StreamFlags};
 use crate::error::ApiError;
-use crate::flag_routes::{environment, request_principal};
-use crate::routes::{AppState, Resume, open_stream};
-use crate::sse::Wire;
+use crate::state::AppState;
+use crate::stream::sse::Wire;
+use crate::stream::{Resume, open_stream};
 
 /// The SDK's caller: an environment-bound key (or a JWT / service key with `?environment=`).
-async fn caller(
+async fn caller<P: Permission>(
     app: &AppState,
     headers: &HeaderMap,
     raw: Option<&str>,
-    query_key: QueryKey,
 ) -> Result<(Principal, EnvironmentId), ApiError> {
-    let principal = request_principal(app, headers, raw, query_key, Action::ReadFlags).await?;
+    let apikey = query_param(raw, "apikey")?;
+    let principal = Authenticated::<P>::check(app, headers, apikey.as_deref()).await?.principal;
     let environment = environment(&principal, raw)?;
     Ok((principal, environment))
 }
@@ -52,7 +52,7 @@ pub(crate) async fn flags(
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    let (principal, environment) = caller(&app, &headers, raw.as_deref(), QueryKey::Refused).await?;
+    let (principal, environment) = caller::<ReadFlags>(&app, &headers, raw.as_deref()).await?;
     Ok(axum::Json(snapshot(&app, &principal, &environment).await?).into_response())
 }
 
@@ -63,7 +63,7 @@ pub(crate) async fn flag(
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    let (principal, environment) = caller(&app, &headers, raw.as_deref(), QueryKey::Refused).await?;
+    let (principal, environment) = caller::<ReadFlags>(&app, &headers, raw.as_deref()).await?;
     let state = app.engine.flags(&principal.tenant, &environment).await?;
     let flag = state.flags.get(&key).ok_or_else(|| ApiError::Missing(format!("flag `{key}` not found")))?;
     Ok(axum::Json(featureflip::flag(flag, &state.segments)).into_response())
@@ -76,7 +76,7 @@ pub(crate) async fn stream(
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    let (principal, environment) = caller(&app, &headers, raw.as_deref(), QueryKey::Allowed).await?;
+    let (principal, environment) = caller::<StreamFlags>(&app, &headers, raw.as_deref()).await?;
     let key = FeedKey { tenant: principal.tenant.clone(), feed: Feed::Flags };
     let filter = Filter::Environment(Some(environment.clone()));
     let sync = {
@@ -108,7 +108,7 @@ pub(crate) async fn events(
     RawQuery(raw): RawQuery,
     bytes: Bytes,
 ) -> Result<Response, ApiError> {
-    caller(&app, &headers, raw.as_deref(), QueryKey::Refused).await?;
+    caller::<ReadFlags>(&app, &headers, raw.as_deref()).await?;
     let body: Value = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request("invalid_json", format!("the body is not JSON: {e}")))?;
     let Some(events) = body.get("events").and_then(Value::as_array) else {

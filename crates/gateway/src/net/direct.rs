@@ -13,7 +13,7 @@
 //! back in front ([`Rewind`]).
 //!
 //! What the stream path keeps from hyper's: a write blocked longer than the write timeout closes
-//! the connection (as [`crate::stall`] does for hyper's), a peer that closes is noticed at once
+//! the connection (as [`crate::net::stall`] does for hyper's), a peer that closes is noticed at once
 //! (a read is pending beside every wait), and responses say `Connection: close` — a stream's end
 //! is its connection's end.
 
@@ -58,7 +58,7 @@ pub enum Head {
     Closed,
 }
 
-/// Reads until the end of a request head (`\r\n\r\n`), at most [`MAX_HEAD`] bytes.
+/// Reads until the end of a request head (`\r\n\r\n`), at most `MAX_HEAD` bytes.
 pub async fn read_head(stream: &mut TcpStream) -> Head {
     let mut buffer = Vec::with_capacity(1024);
     loop {
