@@ -6,6 +6,7 @@ use axum::body::Body;
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use changegate_core::event::Dialect;
 use changegate_core::{CollectionName, Feed, FeedKey, Filter, SourceKind, Topic, TopicPattern};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -94,7 +95,16 @@ pub(super) async fn subscribe(
     let key = FeedKey { tenant: principal.tenant.clone(), feed };
     let resume = Resume::from_last_event_id(&headers, query.last_event_id.as_deref(), Ids::PositionsOrTokens)
         .map_err(|_| invalid_last_event_id())?;
-    open_stream(&app, &principal, key, filter, resume, sse::Wire::Realtime, app.limits.heartbeat).await
+    open_stream(
+        &app,
+        &principal,
+        key,
+        filter,
+        resume,
+        sse::Wire::new(Dialect::Realtime),
+        app.limits.heartbeat,
+    )
+    .await
 }
 
 #[derive(Deserialize)]

@@ -12,6 +12,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use changegate_core::event::Dialect;
 use changegate_core::sse::message;
 use changegate_core::{EnvironmentId, Feed, FeedKey, Filter, Principal};
 use changegate_flags::featureflip;
@@ -87,8 +88,16 @@ pub(crate) async fn stream(
         })
     };
     let heartbeat = app.limits.flags_heartbeat[1];
-    open_stream(&app, &principal, key, filter, Some(Resume::Snapshot(sync)), Wire::Featureflip, heartbeat)
-        .await
+    open_stream(
+        &app,
+        &principal,
+        key,
+        filter,
+        Some(Resume::Snapshot(sync)),
+        Wire::new(Dialect::Featureflip),
+        heartbeat,
+    )
+    .await
 }
 
 /// The kinds of analytics event the SDK sends, as a bounded metric label.

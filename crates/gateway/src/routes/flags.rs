@@ -6,6 +6,7 @@ use axum::extract::{FromRequestParts, Path, RawQuery, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use changegate_core::event::Dialect;
 use changegate_core::{EnvironmentId, Feed, FeedKey, Filter, Principal, Start};
 use changegate_flags::{FlagSpec, NewFlag, Rule, SegmentSpec};
 use serde::de::DeserializeOwned;
@@ -371,7 +372,16 @@ pub(crate) async fn stream_a(
 ) -> Result<Response, ApiError> {
     let (principal, key, filter) = reader(&app, &headers, raw.as_deref()).await?;
     let resume = last_event_id(&headers, Ids::Positions)?;
-    open_stream(&app, &principal, key, filter, resume, Wire::FlagsA, app.limits.flags_heartbeat[0]).await
+    open_stream(
+        &app,
+        &principal,
+        key,
+        filter,
+        resume,
+        Wire::new(Dialect::FlagsA),
+        app.limits.flags_heartbeat[0],
+    )
+    .await
 }
 
 pub(crate) async fn stream_b(
@@ -381,7 +391,16 @@ pub(crate) async fn stream_b(
 ) -> Result<Response, ApiError> {
     let (principal, key, filter) = reader(&app, &headers, raw.as_deref()).await?;
     let resume = last_event_id(&headers, Ids::Positions)?;
-    open_stream(&app, &principal, key, filter, resume, Wire::FlagsB, app.limits.flags_heartbeat[1]).await
+    open_stream(
+        &app,
+        &principal,
+        key,
+        filter,
+        resume,
+        Wire::new(Dialect::FlagsB),
+        app.limits.flags_heartbeat[1],
+    )
+    .await
 }
 
 pub(crate) async fn stream_c(
@@ -395,6 +414,6 @@ pub(crate) async fn stream_c(
         Some(Resume::From(Start::Since(at))) => at.as_millis(),
         _ => 0,
     };
-    let wire = Wire::FlagsC { last_id: since };
+    let wire = Wire::flags_c(since);
     open_stream(&app, &principal, key, filter, resume, wire, app.limits.flags_heartbeat[2]).await
 }

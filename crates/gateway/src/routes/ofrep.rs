@@ -6,6 +6,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use changegate_core::event::Dialect;
 use changegate_core::{EnvironmentId, Feed, FeedKey, Filter, Principal, Role};
 use changegate_flags::Environment as FlagEnvironment;
 use changegate_flags::eval::{EvalError, Resolution, evaluate};
@@ -246,5 +247,14 @@ pub(crate) async fn events(
         Ok(resume) => resume,
         Err(foreign) => return Ok(failure(StatusCode::BAD_REQUEST, None, "GENERAL", foreign.message())),
     };
-    open_stream(&app, &principal, key, filter, resume, Wire::Ofrep, app.limits.flags_heartbeat[0]).await
+    open_stream(
+        &app,
+        &principal,
+        key,
+        filter,
+        resume,
+        Wire::new(Dialect::Ofrep),
+        app.limits.flags_heartbeat[0],
+    )
+    .await
 }

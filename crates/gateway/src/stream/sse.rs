@@ -105,67 +105,70 @@ pub struct Connection {
     pub tenant: changegate_core::TenantId,
 }
 
-/// The dialect a connection speaks: how events are encoded and what its heartbeat is.
+/// The dialect a connection speaks ([`Dialect`]: how events are encoded, what its heartbeat
+/// is), with the little per-connection state a dialect needs.
 #[derive(Clone, Copy, Debug)]
-pub enum Wire {
-    /// `/v1/events/subscribe`.
-    Realtime,
-    /// `/api/v1/stream`.
-    FlagsA,
-    /// `/stream`.
-    FlagsB,
-    /// `/api/v1/flags/events`: ids are epoch milliseconds, strictly increasing per connection.
-    FlagsC {
-        /// The last id sent on this connection.
-        last_id: u64,
-    },
-    /// `/ofrep/v1/events`: `refetchEvaluation` notices, a burst coalesced into one.
-    Ofrep,
-    /// `/v1/sdk/stream`: Featureflip's SDK stream (a `sync` snapshot first, then the flags to
-    /// refetch).
-    Featureflip,
+pub struct Wire {
+    dialect: Dialect,
+    /// Dialect C: the last `id:` (epoch milliseconds) sent on this connection.
+    last_id: u64,
 }
 
 impl Wire {
+    /// A connection in `dialect`.
+    pub const fn new(dialect: Dialect) -> Self {
+        Self { dialect, last_id: 0 }
+    }
+
+    /// A dialect C connection whose client last saw id `last_id`: ids are epoch milliseconds,
+    /// strictly increasing per connection.
+    pub const fn flags_c(last_id: u64) -> Self {
+        Self { dialect: Dialect::FlagsC, last_id }
+    }
+
+    /// The dialect.
+    pub const fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
     /// The event's bytes in this dialect (shared between connections except for dialect C's
     /// per-connection `id:` line); empty when the dialect does not show the event.
     pub fn encode(&mut self, frame: &Frame) -> Bytes {
-        match self {
-            Self::Realtime => frame.encoded(Dialect::Realtime, encode_realtime),
-            Self::FlagsA => frame.encoded(Dialect::FlagsA, dialect::encode_a),
-            Self::FlagsB => frame.encoded(Dialect::FlagsB, dialect::encode_b),
-            Self::Ofrep => frame.encoded(Dialect::Ofrep, dialect::encode_ofrep),
-            Self::Featureflip => frame.encoded(Dialect::Featureflip, dialect::encode_featureflip),
-            Self::FlagsC { last_id } => {
-                let block = frame.encoded(Dialect::FlagsC, dialect::encode_c);
-                if block.is_empty() {
-                    return block;
-                }
-                // Epoch milliseconds of the change, bumped past the previous id on a collision.
-                let id = frame.event().at.as_millis().max(*last_id + 1);
-                *last_id = id;
-                dialect::with_id_c(&block, id)
-            }
+        let encode = match self.dialect {
+            Dialect::Realtime => encode_realtime,
+            Dialect::FlagsA => dialect::encode_a,
+            Dialect::FlagsB => dialect::encode_b,
+            Dialect::FlagsC => dialect::encode_c,
+            Dialect::Ofrep => dialect::encode_ofrep,
+            Dialect::Featureflip => dialect::encode_featureflip,
+        };
+        let block = frame.encoded(self.dialect, encode);
+        if self.dialect != Dialect::FlagsC || block.is_empty() {
+            return block;
         }
+        // Epoch milliseconds of the change, bumped past the previous id on a collision.
+        let id = frame.event().at.as_millis().max(self.last_id + 1);
+        self.last_id = id;
+        dialect::with_id_c(&block, id)
     }
 
     /// The route label of this dialect in metrics.
-    pub fn route(&self) -> &'static str {
-        match self {
-            Self::Realtime => "/v1/events/subscribe",
-            Self::FlagsA => "/api/v1/stream",
-            Self::FlagsB => "/stream",
-            Self::FlagsC { .. } => "/api/v1/flags/events",
-            Self::Ofrep => "/ofrep/v1/events",
-            Self::Featureflip => "/v1/sdk/stream",
+    pub const fn route(&self) -> &'static str {
+        match self.dialect {
+            Dialect::Realtime => "/v1/events/subscribe",
+            Dialect::FlagsA => "/api/v1/stream",
+            Dialect::FlagsB => "/stream",
+            Dialect::FlagsC => "/api/v1/flags/events",
+            Dialect::Ofrep => "/ofrep/v1/events",
+            Dialect::Featureflip => "/v1/sdk/stream",
         }
     }
 
     fn heartbeat(&self) -> Bytes {
-        match self {
-            Self::Realtime | Self::FlagsA | Self::Ofrep => Bytes::from_static(HEARTBEAT),
-            Self::FlagsB | Self::Featureflip => dialect::ping_b(Timestamp::now()),
-            Self::FlagsC { .. } => Bytes::from_static(dialect::HEARTBEAT_C),
+        match self.dialect {
+            Dialect::Realtime | Dialect::FlagsA | Dialect::Ofrep => Bytes::from_static(HEARTBEAT),
+            Dialect::FlagsB | Dialect::Featureflip => dialect::ping_b(Timestamp::now()),
+            Dialect::FlagsC => Bytes::from_static(dialect::HEARTBEAT_C),
         }
     }
 }
@@ -255,7 +258,7 @@ impl State {
                     for frame in &frames {
                         if self.fresh(frame) {
                             let bytes = self.wire.encode(frame);
-                            if matches!(self.wire, Wire::Ofrep) && !bytes.is_empty() {
+                            if self.wire.dialect() == Dialect::Ofrep && !bytes.is_empty() {
                                 // A refetch notice covers everything before it.
                                 out.clear();
                             }
@@ -314,7 +317,7 @@ impl State {
             match self.subscription.try_recv() {
                 Ok(Some(frame)) if self.fresh(&frame) => {
                     let next = self.wire.encode(&frame);
-                    if matches!(self.wire, Wire::Ofrep) && !next.is_empty() {
+                    if self.wire.dialect() == Dialect::Ofrep && !next.is_empty() {
                         // A refetch notice covers everything before it: send only the last.
                         out = Some(BytesMut::from(&next[..]));
                         sent = 1;
