@@ -551,3 +551,38 @@ async fn corrupt_stored_flags_are_a_500_with_a_log_id_and_no_internals() {
         .get(0);
     assert!(stored.contains("secret-garbage"), "the unreadable state was left alone: {stored}");
 }
+
+/// The same for a stored key that cannot be read (a tenant id the gateway would never accept,
+/// written past it): the caller did nothing wrong, so it is a 500 with a log id, not a 400.
+#[tokio::test]
+async fn a_corrupt_stored_key_is_a_500_with_a_log_id_not_a_400() {
+    use sha2::Digest;
+    let s = postgres().await;
+    let db = s.db.as_ref().unwrap();
+    let key = test_key("anon");
+    let hash = sha2::Sha256::digest(key.as_bytes()).to_vec();
+    // Written past the gateway and the schema's own check (an operator's hand edit, say).
+    db.client
+        .batch_execute(
+            "alter table realtime.tenants drop constraint tenants_id_check;
+             insert into realtime.tenants (id) values ('not a tenant!')",
+        )
+        .await
+        .unwrap();
+    db.client
+        .execute(
+            "insert into realtime.api_keys (id, tenant, scope, hash, prefix)
+             values ('corrupt', 'not a tenant!', 'anon', $1, 'flc_anon_x')",
+            &[&hash],
+        )
+        .await
+        .unwrap();
+    let (status, body) =
+        s.gw.try_sse(&format!("/v1/events/subscribe?topic=*&apikey={key}"), &[])
+            .await
+            .err()
+            .expect("refused");
+    assert_eq!((status, body["error"]["code"].as_str()), (500, Some("internal")), "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("err-") && !message.contains("not a tenant"), "{message}");
+}

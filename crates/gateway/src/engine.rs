@@ -58,14 +58,22 @@ impl From<FlagError> for ApiError {
 }
 
 impl From<PgError> for ApiError {
+    /// Only a refused or missing request's message reaches the client; database text, and
+    /// stored data we cannot read (our failure: a 500, not the caller's 400), go to the log.
     fn from(error: PgError) -> Self {
-        match error {
-            PgError::Invalid(message) => ApiError::bad_request("invalid_request", message),
-            other => {
-                tracing::error!(error = %other, "database error");
-                ApiError::Unavailable("the database is unavailable; try again".into())
-            }
+        if let Some(message) = error.client_message() {
+            let message = message.to_owned();
+            return if error.is_missing() {
+                ApiError::Missing(message)
+            } else {
+                ApiError::bad_request("invalid_request", message)
+            };
         }
+        if error.is_corrupt() {
+            return ApiError::internal("unreadable stored data", &error);
+        }
+        tracing::error!(%error, "database error");
+        ApiError::Unavailable("the database is unavailable; try again".into())
     }
 }
 

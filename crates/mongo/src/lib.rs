@@ -24,33 +24,70 @@ use bson::{Bson, Document, doc};
 use changegate_core::{CollectionName, EventBody, Op, ResetReason, SourceKind, TenantId};
 use serde_json::Value;
 
-/// What a MongoDB name, token or event was refused for.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum MongoError {
+/// What went wrong with MongoDB: a name, token or event refused, or the driver failing.
+///
+/// Opaque: ask [`MongoError::is_refused`] (the caller's name or token: the message may be shown)
+/// or [`MongoError::is_unavailable`] (the driver or server: its error is the
+/// [`std::error::Error::source`], for the log; the URL, which may hold credentials, is never
+/// part of it).
+#[derive(Debug, thiserror::Error)]
+#[error("{what}")]
+pub struct MongoError {
+    kind: Kind,
+    what: std::borrow::Cow<'static, str>,
+    #[source]
+    source: Option<mongodb::error::Error>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
     /// A collection or field name MongoDB would not accept, or that could change the query.
-    #[error("invalid {kind}: {reason}")]
-    Name {
-        /// Which name.
-        kind: &'static str,
-        /// Why.
-        reason: &'static str,
-    },
+    Name,
     /// A `Last-Event-ID` that is not a resume token this service sent.
-    #[error("not a MongoDB resume token this service sent")]
     Token,
     /// A change event without the fields its operation needs.
-    #[error("malformed change event: {0}")]
-    Event(&'static str),
-    /// The driver or the server refused (the message never contains credentials: the URL is
-    /// not part of it).
-    #[error("{0}")]
-    Driver(String),
+    Event,
+    /// The driver or the server refused or failed.
+    Driver,
+}
+
+impl MongoError {
+    fn name(kind: &'static str, reason: &'static str) -> Self {
+        Self { kind: Kind::Name, what: format!("invalid {kind}: {reason}").into(), source: None }
+    }
+
+    fn token() -> Self {
+        Self { kind: Kind::Token, what: "not a MongoDB resume token this service sent".into(), source: None }
+    }
+
+    fn event(missing: &'static str) -> Self {
+        Self { kind: Kind::Event, what: format!("malformed change event: {missing}").into(), source: None }
+    }
+
+    pub(crate) fn driver(doing: &'static str, source: mongodb::error::Error) -> Self {
+        Self { kind: Kind::Driver, what: doing.into(), source: Some(source) }
+    }
+
+    /// Whether a caller's name or token was refused (the message says why and may be shown).
+    pub fn is_refused(&self) -> bool {
+        matches!(self.kind, Kind::Name | Kind::Token)
+    }
+
+    /// Whether the driver or the server failed (worth a retry; the cause is for the log).
+    pub fn is_unavailable(&self) -> bool {
+        self.kind == Kind::Driver
+    }
+
+    /// Whether a change event could not be read.
+    pub fn is_malformed_event(&self) -> bool {
+        self.kind == Kind::Event
+    }
 }
 
 /// A collection name usable in a change stream: 1–120 bytes, no `$`, no NUL, not `system.*`.
 pub fn collection(name: &CollectionName) -> Result<&str, MongoError> {
     let text = name.as_str();
-    let bad = |reason| Err(MongoError::Name { kind: "collection", reason });
+    let bad = |reason| Err(MongoError::name("collection", reason));
     if text.len() > 120 {
         return bad("must be at most 120 bytes");
     }
@@ -83,7 +120,7 @@ impl TenantField {
 
 /// Checks a tenant field path (see [`TenantField`]).
 pub fn tenant_field(field: &str) -> Result<&str, MongoError> {
-    let bad = |reason| Err(MongoError::Name { kind: "tenant field", reason });
+    let bad = |reason| Err(MongoError::name("tenant field", reason));
     if field.is_empty() || field.len() > 200 {
         return bad("must be 1–200 characters");
     }
@@ -153,14 +190,14 @@ impl ResumeToken {
 
     /// Parses the text form back; anything else is refused.
     pub fn decode(text: &str) -> Result<Self, MongoError> {
-        let encoded = text.strip_prefix("m.").ok_or(MongoError::Token)?;
+        let encoded = text.strip_prefix("m.").ok_or_else(MongoError::token)?;
         if encoded.len() > 4096 {
-            return Err(MongoError::Token);
+            return Err(MongoError::token());
         }
-        let bytes = URL_SAFE_NO_PAD.decode(encoded).map_err(|_| MongoError::Token)?;
-        let document = Document::from_reader(bytes.as_slice()).map_err(|_| MongoError::Token)?;
+        let bytes = URL_SAFE_NO_PAD.decode(encoded).map_err(|_| MongoError::token())?;
+        let document = Document::from_reader(bytes.as_slice()).map_err(|_| MongoError::token())?;
         if !document.contains_key("_data") {
-            return Err(MongoError::Token);
+            return Err(MongoError::token());
         }
         Ok(Self(document))
     }
@@ -185,7 +222,7 @@ pub fn map_event(
     event: &Document,
     collection_name: &CollectionName,
 ) -> Result<Option<EventBody>, MongoError> {
-    let kind = event.get_str("operationType").map_err(|_| MongoError::Event("no operationType"))?;
+    let kind = event.get_str("operationType").map_err(|_| MongoError::event("no operationType"))?;
     let op = match kind {
         "insert" => Op::Insert,
         "update" => Op::Update,
@@ -196,14 +233,14 @@ pub fn map_event(
         }
         _ => return Ok(None),
     };
-    let key = event.get_document("documentKey").map_err(|_| MongoError::Event("no documentKey"))?;
-    let id = key.get("_id").ok_or(MongoError::Event("no documentKey._id"))?;
+    let key = event.get_document("documentKey").map_err(|_| MongoError::event("no documentKey"))?;
+    let id = key.get("_id").ok_or_else(|| MongoError::event("no documentKey._id"))?;
     let image = if op == Op::Delete { "fullDocumentBeforeChange" } else { "fullDocument" };
     let document = match event.get(image) {
         Some(Bson::Document(document)) => Bson::Document(document.clone()).into_relaxed_extjson(),
         // An update whose document was deleted before the lookup: nothing to show but the id.
         _ if op == Op::Update => Value::Null,
-        _ => return Err(MongoError::Event("no document image")),
+        _ => return Err(MongoError::event("no document image")),
     };
     Ok(Some(EventBody::Change {
         source: SourceKind::Mongo,
@@ -258,12 +295,15 @@ mod tests {
     #[test]
     fn tenant_fields_and_collections_that_could_change_the_query_are_refused() {
         for bad in ["", "$where", "a..b", ".a", "a.", "a$b", "a\0b"] {
-            assert!(tenant_field(bad).is_err(), "{bad:?}");
+            assert!(tenant_field(bad).is_err_and(|e| e.is_refused()), "{bad:?}");
         }
         for bad in ["a$b", "system.users", &"x".repeat(121)] {
-            assert!(collection(&CollectionName::parse(bad).unwrap()).is_err(), "{bad:?}");
+            assert!(
+                collection(&CollectionName::parse(bad).unwrap()).is_err_and(|e| e.is_refused()),
+                "{bad:?}"
+            );
         }
-        assert_eq!(collection(&todos()), Ok("todos"));
+        assert_eq!(collection(&todos()).unwrap(), "todos");
     }
 
     #[test]
@@ -274,7 +314,7 @@ mod tests {
             text.starts_with("m.")
                 && text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_')
         );
-        assert_eq!(ResumeToken::decode(&text), Ok(token));
+        assert_eq!(ResumeToken::decode(&text).unwrap(), token);
         for bad in [
             "",
             "m.",
@@ -283,7 +323,7 @@ mod tests {
             "m.AAAA",
             &format!("m.{}", URL_SAFE_NO_PAD.encode(doc! {"x": 1}.to_vec().unwrap())),
         ] {
-            assert_eq!(ResumeToken::decode(bad), Err(MongoError::Token), "{bad:?}");
+            assert!(ResumeToken::decode(bad).is_err_and(|e| e.is_refused()), "{bad:?}");
         }
     }
 

@@ -83,10 +83,6 @@ impl std::fmt::Debug for MongoSource {
     }
 }
 
-fn driver_error(context: &str, error: &mongodb::error::Error) -> MongoError {
-    MongoError::Driver(format!("{context}: {error}"))
-}
-
 impl MongoSource {
     /// Connects (lazily: the driver connects on first use), delivering to `hub`. Feeds stop
     /// when `cancel` fires.
@@ -98,10 +94,10 @@ impl MongoSource {
         let field = crate::TenantField::parse(&config.tenant_field)?;
         let mut options = mongodb::options::ClientOptions::parse(&config.url)
             .await
-            .map_err(|e| MongoError::Driver(format!("invalid MONGODB_URL: {e}")))?;
+            .map_err(|e| MongoError::driver("reading MONGODB_URL", e))?;
         options.max_pool_size = Some(config.pool.max(1));
         options.app_name = Some("changegate".into());
-        let client = Client::with_options(options).map_err(|e| driver_error("connecting", &e))?;
+        let client = Client::with_options(options).map_err(|e| MongoError::driver("connecting", e))?;
         let shared = Arc::new(Shared {
             database: client.database(&config.database),
             field,
@@ -122,7 +118,11 @@ impl MongoSource {
 
     /// Whether MongoDB answers.
     pub async fn ping(&self) -> Result<(), MongoError> {
-        self.shared.database.run_command(doc! { "ping": 1 }).await.map_err(|e| driver_error("ping", &e))?;
+        self.shared
+            .database
+            .run_command(doc! { "ping": 1 })
+            .await
+            .map_err(|e| MongoError::driver("ping", e))?;
         Ok(())
     }
 
@@ -145,7 +145,7 @@ impl MongoSource {
             Err(error) if history_lost(&error) => {
                 return Ok(Box::pin(futures_util::stream::once(async { Ok(CatchUp::Lost) })));
             }
-            Err(error) => return Err(driver_error("resuming a change stream", &error)),
+            Err(error) => return Err(MongoError::driver("resuming a change stream", error)),
         };
         let reading = Reading {
             shared: self.shared.clone(),
@@ -205,7 +205,7 @@ impl Reading {
                 }
                 Ok(None) => return Ok(Some(self.finish(CatchUp::Events(frames)))),
                 Err(error) if history_lost(&error) => return Ok(Some(self.finish(CatchUp::Lost))),
-                Err(error) => return Err(driver_error("resuming a change stream", &error)),
+                Err(error) => return Err(MongoError::driver("resuming a change stream", error)),
             }
         }
     }
@@ -287,7 +287,7 @@ impl Shared {
         order: &mut OplogOrder,
     ) -> Result<Option<Arc<Frame>>, MongoError> {
         let Some(body) = map_event(raw, name)? else { return Ok(None) };
-        let token = raw.get_document("_id").map_err(|_| MongoError::Event("no resume token"))?;
+        let token = raw.get_document("_id").map_err(|_| MongoError::event("no resume token"))?;
         let cursor: Arc<str> = ResumeToken::new(token.clone()).encode().into();
         let (at, seq) = match raw.get("clusterTime") {
             Some(Bson::Timestamp(ts)) => {

@@ -48,10 +48,8 @@ pub(crate) enum Notified {
 
 /// Parses a NOTIFY payload.
 pub(crate) fn notification(payload: &str, epoch: Epoch) -> Result<Notified, PgError> {
-    let reference: Reference = serde_json::from_str(payload).map_err(|e| PgError::Malformed {
-        seq: -1,
-        reason: format!("notification is not an outbox row: {e}"),
-    })?;
+    let reference: Reference = serde_json::from_str(payload)
+        .map_err(|e| PgError::corrupt(format!("a notification is not an outbox row: {e}")))?;
     if reference.by_reference {
         return Ok(Notified::Reference { seq: reference.seq, tenant: reference.tenant });
     }
@@ -60,10 +58,10 @@ pub(crate) fn notification(payload: &str, epoch: Epoch) -> Result<Notified, PgEr
 
 /// Parses one `realtime.row_json` text.
 pub(crate) fn row(text: &str, epoch: Epoch) -> Result<Event, PgError> {
-    let row: Row = serde_json::from_str(text)
-        .map_err(|e| PgError::Malformed { seq: -1, reason: format!("not an outbox row: {e}") })?;
+    let row: Row =
+        serde_json::from_str(text).map_err(|e| PgError::corrupt(format!("not an outbox row: {e}")))?;
     let seq = row.seq;
-    let bad = |reason: &str| PgError::Malformed { seq, reason: reason.to_owned() };
+    let bad = |reason: &str| PgError::corrupt(format!("outbox row {seq} is malformed: {reason}"));
     let tenant = TenantId::parse(&row.tenant).map_err(|e| bad(&e.to_string()))?;
     let body = match row.kind.as_str() {
         "message" => EventBody::Message {

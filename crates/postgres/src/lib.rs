@@ -29,34 +29,42 @@ pub use store::KEYS_CHANNEL;
 pub use store::{KeyListing, Store};
 
 /// Everything that can go wrong talking to PostgreSQL, with context and without secrets.
+///
+/// Opaque: ask what kind of failure it is ([`PgError::is_refused`], [`PgError::is_missing`],
+/// [`PgError::is_corrupt`], [`PgError::is_unavailable`]); the database's or the pool's own error
+/// is its [`std::error::Error::source`], for the log. `Display` says what changegate was doing
+/// and, for a failed query, the database's message — log text, never a client's.
 #[derive(Debug, thiserror::Error)]
-pub enum PgError {
-    /// A query failed.
-    #[error("{context}: {}", describe(source))]
-    Query {
-        /// What changegate was doing.
-        context: String,
-        /// The database's error.
-        #[source]
-        source: tokio_postgres::Error,
-    },
-    /// No connection could be had from the pool.
-    #[error("database unavailable: {0}")]
-    Unavailable(String),
-    /// The connection string is invalid.
-    #[error("invalid DATABASE_URL: {0}")]
-    Config(String),
-    /// A request named something that does not exist or is not allowed.
-    #[error("{0}")]
-    Invalid(String),
-    /// A row the outbox holds could not be read as an event.
-    #[error("outbox row {seq} is malformed: {reason}")]
-    Malformed {
-        /// Its position.
-        seq: i64,
-        /// What is wrong.
-        reason: String,
-    },
+#[error("{context}{}", detail(source.as_deref()))]
+pub struct PgError {
+    kind: Kind,
+    context: String,
+    #[source]
+    source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    /// A query failed (or the connection broke during one).
+    Query,
+    /// No connection could be had, or the configuration is unusable.
+    Unavailable,
+    /// The request broke a rule of the schema (no such tenant, already exists, bad value).
+    Refused,
+    /// The request named a thing that does not exist.
+    Missing,
+    /// Data the database holds cannot be read (a malformed row, stored key or flag state).
+    Corrupt,
+}
+
+fn detail(source: Option<&(dyn std::error::Error + Send + Sync + 'static)>) -> String {
+    match source {
+        Some(source) => match source.downcast_ref::<tokio_postgres::Error>() {
+            Some(error) => format!(": {}", describe(error)),
+            None => format!(": {source}"),
+        },
+        None => String::new(),
+    }
 }
 
 /// The database's own message for a failed query (tokio-postgres' `Display` says only "db error").
@@ -68,16 +76,68 @@ fn describe(error: &tokio_postgres::Error) -> String {
 }
 
 impl PgError {
+    fn new(kind: Kind, context: impl Into<String>) -> Self {
+        Self { kind, context: context.into(), source: None }
+    }
+
+    /// A failed query, doing `context`.
     pub(crate) fn query(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> Self {
         let context = context.into();
-        move |source| Self::Query { context, source }
+        move |source| Self { kind: Kind::Query, context, source: Some(Box::new(source)) }
+    }
+
+    /// No connection, or a configuration that cannot give one.
+    pub(crate) fn unavailable(
+        context: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Self { kind: Kind::Unavailable, context: context.into(), source: Some(source.into()) }
+    }
+
+    /// The request broke a rule; `message` says which, in words a client may read.
+    pub(crate) fn refused(message: impl Into<String>) -> Self {
+        Self::new(Kind::Refused, message)
+    }
+
+    /// The request named something that does not exist; `message` says what.
+    pub(crate) fn missing(message: impl Into<String>) -> Self {
+        Self::new(Kind::Missing, message)
+    }
+
+    /// Stored data that cannot be read; `what` says which, for the log.
+    pub(crate) fn corrupt(what: impl Into<String>) -> Self {
+        Self::new(Kind::Corrupt, what)
+    }
+
+    /// Whether the request broke a rule (the caller's mistake: the message may be shown).
+    pub fn is_refused(&self) -> bool {
+        self.kind == Kind::Refused
+    }
+
+    /// Whether the request named something that does not exist (the message may be shown).
+    pub fn is_missing(&self) -> bool {
+        self.kind == Kind::Missing
+    }
+
+    /// Whether stored data could not be read (our failure, not the caller's).
+    pub fn is_corrupt(&self) -> bool {
+        self.kind == Kind::Corrupt
+    }
+
+    /// Whether PostgreSQL could not be reached or a query failed (worth a retry).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self.kind, Kind::Unavailable | Kind::Query)
+    }
+
+    /// What a caller may be told: the message of a refused or missing request; `None` for
+    /// everything else, whose text is for the log.
+    pub fn client_message(&self) -> Option<&str> {
+        matches!(self.kind, Kind::Refused | Kind::Missing).then_some(self.context.as_str())
     }
 
     /// The SQLSTATE of a failed query, if any.
     pub fn sqlstate(&self) -> Option<&str> {
-        match self {
-            Self::Query { source, .. } => source.code().map(tokio_postgres::error::SqlState::code),
-            _ => None,
-        }
+        let error = self.source.as_deref()?.downcast_ref::<tokio_postgres::Error>()?;
+        error.code().map(tokio_postgres::error::SqlState::code)
     }
 }

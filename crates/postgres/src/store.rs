@@ -51,21 +51,22 @@ impl std::fmt::Debug for Store {
 fn invalid_or(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> PgError {
     move |e| match e.code() {
         Some(c) if *c == SqlState::FOREIGN_KEY_VIOLATION => {
-            PgError::Invalid(format!("{context}: the tenant or environment does not exist"))
+            PgError::refused(format!("{context}: the tenant or environment does not exist"))
         }
         Some(c) if *c == SqlState::UNIQUE_VIOLATION => {
-            PgError::Invalid(format!("{context}: it already exists"))
+            PgError::refused(format!("{context}: it already exists"))
         }
-        Some(c) if *c == SqlState::CHECK_VIOLATION => PgError::Invalid(format!("{context}: invalid value")),
-        _ => PgError::Query { context: context.to_owned(), source: e },
+        Some(c) if *c == SqlState::CHECK_VIOLATION => PgError::refused(format!("{context}: invalid value")),
+        _ => PgError::query(context)(e),
     }
 }
 
 impl Store {
     /// A pool of at most `size` connections to `url` (no connection is made yet).
     pub fn connect(url: &str, size: usize) -> Result<Self, PgError> {
-        let config: tokio_postgres::Config =
-            url.parse().map_err(|e: tokio_postgres::Error| PgError::Config(e.to_string()))?;
+        let config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e: tokio_postgres::Error| PgError::unavailable("invalid DATABASE_URL", e))?;
         let manager = Manager::from_config(
             config.clone(),
             NoTls,
@@ -77,7 +78,7 @@ impl Store {
             .wait_timeout(Some(Duration::from_secs(5)))
             .create_timeout(Some(Duration::from_secs(5)))
             .build()
-            .map_err(|e| PgError::Config(e.to_string()))?;
+            .map_err(|e| PgError::unavailable("invalid DATABASE_URL", e))?;
         Ok(Self { pool, config })
     }
 
@@ -87,7 +88,7 @@ impl Store {
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, PgError> {
-        self.pool.get().await.map_err(|e| PgError::Unavailable(e.to_string()))
+        self.pool.get().await.map_err(|e| PgError::unavailable("no database connection", e))
     }
 
     /// Applies pending migrations; returns the versions applied.
@@ -130,7 +131,7 @@ impl Store {
         let tenant: String = row.get(1);
         let environment: Option<String> = row.get(2);
         let scope: String = row.get(3);
-        let malformed = |what: &str| PgError::Invalid(format!("stored key has an invalid {what}"));
+        let malformed = |what: &str| PgError::corrupt(format!("stored key has an invalid {what}"));
         Ok(Some(KeyRecord {
             id: row.get(0),
             hash: *hash,
@@ -282,10 +283,8 @@ impl Store {
         };
         let environment: Option<String> = old.get(0);
         let tenant: String = old.get(2);
-        let scope: Scope = old
-            .get::<_, &str>(1)
-            .parse()
-            .map_err(|_| PgError::Invalid("stored key has an invalid scope".into()))?;
+        let scope: Scope =
+            old.get::<_, &str>(1).parse().map_err(|_| PgError::corrupt("stored key has an invalid scope"))?;
         let key = ApiKey::generate(scope);
         let hash = key.hash();
         let new_id = hash.id();
@@ -309,8 +308,8 @@ impl Store {
         tx.execute("select pg_notify($1, $2)", &[&KEYS_CHANNEL, &format!("{id}@{}", expires.as_millis())])
             .await
             .map_err(PgError::query("announcing a rotation"))?;
-        let tenant_id = TenantId::parse(&tenant)
-            .map_err(|_| PgError::Invalid("stored key has an invalid tenant".into()))?;
+        let tenant_id =
+            TenantId::parse(&tenant).map_err(|_| PgError::corrupt("stored key has an invalid tenant"))?;
         let channel = crate::channel(&FeedKey { tenant: tenant_id, feed: Feed::Flags });
         let payload = serde_json::json!({"environment": environment, "reason": "api-key-rotated",
                                          "valid_until": expires.as_millis()});
@@ -379,8 +378,8 @@ impl Store {
             )
             .await
             .map_err(PgError::query("reading flags"))?
-            .ok_or_else(|| PgError::Invalid(format!("environment `{environment}` does not exist")))?;
-        serde_json::from_str(row.get(0)).map_err(|e| PgError::Invalid(format!("stored flags: {e}")))
+            .ok_or_else(|| PgError::missing(format!("environment `{environment}` does not exist")))?;
+        serde_json::from_str(row.get(0)).map_err(|e| PgError::corrupt(format!("stored flags: {e}")))
     }
 
     /// Reads one environment's flag document under a row lock, lets `apply` compute the new
@@ -418,7 +417,7 @@ impl Store {
             return Ok(());
         };
         let state: Value =
-            serde_json::from_str(row.get(0)).map_err(|e| PgError::Invalid(format!("stored flags: {e}")))?;
+            serde_json::from_str(row.get(0)).map_err(|e| PgError::corrupt(format!("stored flags: {e}")))?;
         let Some((state, events)) = apply(&state, &Timestamp::now().rfc3339()) else { return Ok(()) };
         tx.execute(
             "update realtime.flag_state set state = $3::text::jsonb where tenant = $1 and environment = $2",
@@ -486,7 +485,7 @@ impl Store {
             Ok(row) => Ok(row.and_then(|r| CollectionName::parse(r.get::<_, &str>(0)).ok())),
             // A name that is not even valid SQL name syntax names no table.
             Err(e) if e.code() == Some(&SqlState::INVALID_NAME) => Ok(None),
-            Err(e) => Err(PgError::Query { context: format!("resolving collection {name}"), source: e }),
+            Err(e) => Err(PgError::query(format!("resolving collection {name}"))(e)),
         }
     }
 
