@@ -99,6 +99,12 @@ enum Scenario {
         #[arg(long, default_value_t = 200)]
         events: u64,
     },
+    /// The per-event path in-process: a PostgreSQL NOTIFY payload decoded to an event and
+    /// encoded as realtime SSE bytes (once per event, whatever the subscriber count).
+    Decode {
+        #[arg(long, default_value_t = 200_000)]
+        iterations: u32,
+    },
     /// Flag evaluation in-process (the OFREP engine): time per evaluation by kind of flag.
     Eval {
         #[arg(long, default_value_t = 200_000)]
@@ -234,6 +240,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Scenario::Reconnect { clients, rate, seconds } => reconnect(&binary, clients, rate, seconds).await,
         Scenario::Stalled { readers, messages, bytes } => stalled(&binary, readers, messages, bytes).await,
+        Scenario::Decode { iterations } => decode(iterations),
         Scenario::Eval { iterations } => {
             eval(iterations);
             Ok(())
@@ -558,6 +565,47 @@ async fn reconnect(binary: &std::path::Path, clients: usize, rate: u64, seconds:
             "{clients} clients reconnect at once | {complete}/{clients} received all {published} events exactly | all reconnected in {reconnect_s:.2} s; caught up {tail_ms:.0} ms after the last publish"
         ),
     );
+    Ok(())
+}
+
+fn decode(iterations: u32) -> anyhow::Result<()> {
+    use changegate::stream::sse::encode_realtime;
+    let epoch = changegate_core::Epoch(7);
+    for (name, document) in [
+        ("small row (4 columns)", json!({"id": 42, "title": "buy milk", "done": false, "tenant_id": "acme"})),
+        (
+            "2 KiB row (nested JSON, 20 columns)",
+            json!({
+                "id": 42, "tenant_id": "acme", "title": "x".repeat(300), "notes": "y".repeat(900),
+                "tags": ["a", "b", "c", "d", "e"], "done": false, "priority": 3, "estimate": 2.5,
+                "owner": {"id": 7, "name": "Ada Lovelace", "email": "ada@example.com"},
+                "created_at": "2026-11-25T10:00:00.000Z", "updated_at": "2026-11-25T10:05:00.000Z",
+                "checklist": (0..10).map(|i| json!({"step": i, "text": format!("step {i}"), "ok": i % 2 == 0})).collect::<Vec<_>>(),
+                "meta": {"source": "web", "version": 3, "flags": {"beta": true, "pinned": false}},
+                "a": 1, "b": 2, "c": 3, "d": 4, "e": 5
+            }),
+        ),
+    ] {
+        // As `realtime.row_json` renders a captured change in its NOTIFY payload.
+        let payload = json!({
+            "seq": 123_456, "tenant": "acme", "kind": "change", "collection": "public.todos", "topic": null,
+            "op": "update", "document_id": "42", "payload": document, "at": 1_795_383_423_123_i64
+        })
+        .to_string();
+        let mut bytes = 0;
+        let started = std::time::Instant::now();
+        for _ in 0..iterations {
+            let event = changegate_postgres::decode_notification(&payload, epoch)?
+                .ok_or_else(|| anyhow::anyhow!("the payload carries its event"))?;
+            bytes += encode_realtime(&event).len();
+        }
+        let per_event = started.elapsed().as_secs_f64() * 1e9 / f64::from(iterations);
+        println!(
+            "| decode | {name}, {} B payload \\| NOTIFY payload → event → SSE bytes: {per_event:.0} ns/event ({} B out) |",
+            payload.len(),
+            bytes / iterations as usize
+        );
+    }
     Ok(())
 }
 

@@ -46,6 +46,16 @@ pub(crate) enum Notified {
     },
 }
 
+/// One NOTIFY payload as the LISTEN task reads it: the event it carries, or `None` when it only
+/// names its outbox row (too big for NOTIFY; the task reads the row). Public for the benchmark
+/// of this per-event path (`changegate-bench decode`).
+pub fn decode_notification(payload: &str, epoch: Epoch) -> Result<Option<Event>, PgError> {
+    Ok(match notification(payload, epoch)? {
+        Notified::Event(event) => Some(event),
+        Notified::Reference { .. } => None,
+    })
+}
+
 /// Parses a NOTIFY payload.
 pub(crate) fn notification(payload: &str, epoch: Epoch) -> Result<Notified, PgError> {
     let reference: Reference = serde_json::from_str(payload)

@@ -25,6 +25,7 @@ pub mod store;
 
 pub use channel::channel;
 pub use engine::{PgConfig, PgEngine};
+pub use event::decode_notification;
 pub use store::KEYS_CHANNEL;
 pub use store::{KeyListing, Store};
 
