@@ -9,6 +9,85 @@ use serde_json::Value;
 use crate::names::{CollectionName, EnvironmentId, TenantId, Topic};
 use crate::position::Position;
 
+/// A JSON document kept as the text it arrived in: checked once when it is read (a NOTIFY
+/// payload, a publish body) and written out verbatim into every encoding — never built into a
+/// tree and serialised again, which for a 2 KiB row cost more than everything else about the
+/// event together.
+///
+/// Its text never holds a line break, so it always fits one SSE `data:` line: JSON strings
+/// cannot contain a raw one, so a break can only be whitespace between tokens, and a document
+/// that has one (a pretty-printed publish body) is compacted once, when it is read.
+///
+/// ```
+/// use changegate_core::RawJson;
+/// let doc = RawJson::parse(r#"{"id": 1}"#).unwrap();
+/// assert_eq!(doc.get(), r#"{"id": 1}"#);
+/// assert_eq!(RawJson::parse("{\n  \"id\": 1\n}").unwrap().get(), r#"{"id":1}"#);
+/// assert_eq!(serde_json::to_string(&serde_json::json!({"document": doc})).unwrap(), r#"{"document":{"id":1}}"#);
+/// ```
+#[derive(Clone, Debug, serde::Serialize)]
+#[serde(transparent)]
+pub struct RawJson(Box<serde_json::value::RawValue>);
+
+impl RawJson {
+    /// Checks that `text` is one JSON value and keeps it as it is (compacted if it spans lines).
+    pub fn parse(text: &str) -> Result<Self, serde_json::Error> {
+        serde_json::value::RawValue::from_string(text.to_owned()).map(Self::one_line)
+    }
+
+    fn one_line(raw: Box<serde_json::value::RawValue>) -> Self {
+        if !raw.get().contains(['\n', '\r']) {
+            return Self(raw);
+        }
+        // Valid JSON, so it parses; the tree then serialises compactly, without breaks.
+        match serde_json::from_str::<Value>(raw.get()) {
+            Ok(value) => Self::from_value(&value),
+            Err(_) => Self::null(),
+        }
+    }
+
+    /// A document built in memory (a MongoDB change, a test's `json!`).
+    pub fn from_value(value: &Value) -> Self {
+        // A `Value` always serialises, compactly.
+        Self(serde_json::value::to_raw_value(value).unwrap_or_else(|_| Self::null().0))
+    }
+
+    /// `null`.
+    pub fn null() -> Self {
+        Self(serde_json::value::RawValue::NULL.to_owned())
+    }
+
+    /// The JSON text.
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+
+    /// The document as a tree, for code that must look inside it (tests, mostly).
+    pub fn to_value(&self) -> Value {
+        serde_json::from_str(self.get()).unwrap_or(Value::Null)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for RawJson {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Box::<serde_json::value::RawValue>::deserialize(deserializer).map(Self::one_line)
+    }
+}
+
+/// Two documents are equal when their texts are: the same value written differently (spacing,
+/// key order) compares unequal, which is what "delivered as it arrived" means.
+impl PartialEq for RawJson {
+    fn eq(&self, other: &Self) -> bool {
+        self.get() == other.get()
+    }
+}
+
+impl From<Value> for RawJson {
+    fn from(value: Value) -> Self {
+        Self::from_value(&value)
+    }
+}
+
 /// A commit time, in milliseconds since the Unix epoch.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
 pub struct Timestamp(u64);
@@ -178,7 +257,7 @@ pub enum EventBody {
         /// The primary key / `_id` in its documented text form.
         document_id: String,
         /// The row after the change, or before it for a delete.
-        document: Value,
+        document: RawJson,
     },
     /// The stream is no longer continuous (a table was truncated, a position expired): the
     /// subscriber must refetch its state, then continue from this event's position.
@@ -213,7 +292,7 @@ pub enum EventBody {
         /// The topic it was published to.
         topic: Topic,
         /// The publisher's JSON, untouched.
-        data: Value,
+        data: RawJson,
     },
 }
 
@@ -297,6 +376,19 @@ mod tests {
     use crate::position::Epoch;
 
     #[test]
+    fn a_raw_document_keeps_its_text_and_never_spans_lines() {
+        let kept = r#"{"b": 1, "a": [1, 2], "s": "line\nbreak"}"#;
+        assert_eq!(RawJson::parse(kept).unwrap().get(), kept);
+        let pretty = "{\r\n  \"b\": 1,\n  \"a\": [\n    1\n  ]\n}";
+        let read: RawJson = serde_json::from_str(&format!(r#"{{"data": {pretty}}}"#))
+            .map(|v: std::collections::HashMap<String, RawJson>| v["data"].clone())
+            .unwrap();
+        assert_eq!(read.get(), r#"{"b":1,"a":[1]}"#);
+        assert_eq!(RawJson::parse(pretty).unwrap(), read);
+        assert!(RawJson::parse("{").is_err() && RawJson::parse("1 2").is_err());
+    }
+
+    #[test]
     fn timestamps_format_as_rfc3339_with_milliseconds() {
         assert_eq!(Timestamp::from_millis(0).rfc3339(), "1970-01-01T00:00:00.000Z");
         assert_eq!(Timestamp::from_millis(1_795_383_423_123).rfc3339(), "2026-11-22T21:37:03.123Z");
@@ -308,7 +400,7 @@ mod tests {
             tenant: TenantId::parse("t").unwrap(),
             position: Position::new(Epoch(1), 1),
             at: Timestamp::from_millis(0),
-            body: EventBody::Message { topic: Topic::parse("a").unwrap(), data: Value::Null },
+            body: EventBody::Message { topic: Topic::parse("a").unwrap(), data: RawJson::null() },
             cursor: None,
         };
         let frame = Frame::new(event);

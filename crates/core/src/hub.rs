@@ -349,7 +349,7 @@ mod tests {
             tenant: TenantId::parse(tenant).unwrap(),
             position: Position::new(Epoch(7), seq),
             at: Timestamp::from_millis(0),
-            body: EventBody::Message { topic: Topic::parse(topic).unwrap(), data: json!(seq) },
+            body: EventBody::Message { topic: Topic::parse(topic).unwrap(), data: json!(seq).into() },
             cursor: None,
         }))
     }

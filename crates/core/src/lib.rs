@@ -29,7 +29,7 @@ pub mod sse;
 
 pub use auth::{ApiKey, KeyHash, KeyRecord, Principal, Role, Scope};
 pub use event::{
-    ConfigReason, Event, EventBody, FlagEventKind, Frame, Op, ResetReason, SourceKind, Timestamp,
+    ConfigReason, Event, EventBody, FlagEventKind, Frame, Op, RawJson, ResetReason, SourceKind, Timestamp,
 };
 pub use hub::{Feed, FeedKey, Filter, Hub, HubConfig, Lagged, Subscription};
 pub use memory::{MemoryEngine, MemoryKeys, Retention};

@@ -10,10 +10,8 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use serde_json::Value;
-
 use crate::auth::{ApiKey, KeyHash, KeyRecord};
-use crate::event::{Event, EventBody, Frame, Timestamp};
+use crate::event::{Event, EventBody, Frame, RawJson, Timestamp};
 use crate::hub::{Feed, FeedKey, Filter, Hub};
 use crate::names::{TenantId, Topic};
 use crate::position::{Epoch, Position};
@@ -101,7 +99,7 @@ impl MemoryEngine {
     }
 
     /// Appends a message to `tenant`'s log and delivers it to the tenant's subscribers.
-    pub fn publish(&self, tenant: &TenantId, topic: Topic, data: Value) -> Position {
+    pub fn publish(&self, tenant: &TenantId, topic: Topic, data: RawJson) -> Position {
         self.append(tenant, Feed::Messages, EventBody::Message { topic, data })
     }
 
@@ -323,10 +321,10 @@ mod tests {
     #[tokio::test]
     async fn replay_returns_exactly_the_events_after_the_position_of_that_tenant() {
         let engine = engine(100);
-        let p1 = engine.publish(&tenant("a"), topic("x"), json!(1));
-        engine.publish(&tenant("b"), topic("x"), json!(2));
-        let p3 = engine.publish(&tenant("a"), topic("y"), json!(3));
-        let p4 = engine.publish(&tenant("a"), topic("x"), json!(4));
+        let p1 = engine.publish(&tenant("a"), topic("x"), json!(1).into());
+        engine.publish(&tenant("b"), topic("x"), json!(2).into());
+        let p3 = engine.publish(&tenant("a"), topic("y"), json!(3).into());
+        let p4 = engine.publish(&tenant("a"), topic("x"), json!(4).into());
         assert_eq!(seqs(engine.replay(&messages("a"), &all(), &Start::After(p1), ALL)), [p3.seq(), p4.seq()]);
         let only_x = Filter::Topics(TopicPattern::parse("x").unwrap());
         assert_eq!(seqs(engine.replay(&messages("a"), &only_x, &Start::After(p1), ALL)), [p4.seq()]);
@@ -336,10 +334,10 @@ mod tests {
     #[tokio::test]
     async fn a_position_older_than_retention_yields_a_reset() {
         let engine = engine(3);
-        let first = engine.publish(&tenant("a"), topic("x"), json!(0));
-        let second = engine.publish(&tenant("a"), topic("x"), json!(0));
+        let first = engine.publish(&tenant("a"), topic("x"), json!(0).into());
+        let second = engine.publish(&tenant("a"), topic("x"), json!(0).into());
         for _ in 0..3 {
-            engine.publish(&tenant("a"), topic("x"), json!(0));
+            engine.publish(&tenant("a"), topic("x"), json!(0).into());
         }
         assert!(matches!(engine.replay(&messages("a"), &all(), &Start::After(first), ALL), Replay::Reset));
         // The oldest retained event follows `second` directly: nothing was lost after it.
@@ -349,7 +347,7 @@ mod tests {
     #[tokio::test]
     async fn positions_of_another_epoch_or_the_future_yield_a_reset() {
         let engine = engine(3);
-        let p = engine.publish(&tenant("a"), topic("x"), json!(0));
+        let p = engine.publish(&tenant("a"), topic("x"), json!(0).into());
         let other_log = Position::new(Epoch(engine.epoch().0.wrapping_add(1)), p.seq());
         let future = Position::new(engine.epoch(), p.seq() + 1);
         assert!(matches!(
@@ -362,9 +360,9 @@ mod tests {
     #[tokio::test]
     async fn a_catch_up_reads_in_pages_that_join_without_gap_or_repeat() {
         let engine = engine(100);
-        let first = engine.publish(&tenant("a"), topic("x"), json!(0));
+        let first = engine.publish(&tenant("a"), topic("x"), json!(0).into());
         let published: Vec<u64> =
-            (1..=10).map(|i| engine.publish(&tenant("a"), topic("x"), json!(i)).seq()).collect();
+            (1..=10).map(|i| engine.publish(&tenant("a"), topic("x"), json!(i).into()).seq()).collect();
         let mut from = first;
         let mut read = Vec::new();
         let mut pages = 0;
@@ -390,14 +388,14 @@ mod tests {
     #[tokio::test]
     async fn a_page_after_events_pruned_between_pages_is_a_reset() {
         let engine = engine(3);
-        let first = engine.publish(&tenant("a"), topic("x"), json!(0));
-        engine.publish(&tenant("a"), topic("x"), json!(1));
+        let first = engine.publish(&tenant("a"), topic("x"), json!(0).into());
+        engine.publish(&tenant("a"), topic("x"), json!(1).into());
         let Replay::Page { next: None, .. } = engine.replay(&messages("a"), &all(), &Start::After(first), 1)
         else {
             panic!("one event after the first, read in one page");
         };
         for i in 0..3 {
-            engine.publish(&tenant("a"), topic("x"), json!(i));
+            engine.publish(&tenant("a"), topic("x"), json!(i).into());
         }
         assert!(matches!(engine.replay(&messages("a"), &all(), &Start::After(first), 1), Replay::Reset));
     }
@@ -408,7 +406,8 @@ mod tests {
         let engine = Arc::new(MemoryEngine::new(Retention::default(), hub.clone()));
         let source: Arc<dyn Source> = engine.clone();
         let mut sub = hub.subscribe(messages("a"), all(), &source).await.unwrap();
-        let published: Vec<_> = (0..5).map(|i| engine.publish(&tenant("a"), topic("x"), json!(i))).collect();
+        let published: Vec<_> =
+            (0..5).map(|i| engine.publish(&tenant("a"), topic("x"), json!(i).into())).collect();
         let mut received = Vec::new();
         while let Some(frame) = sub.try_recv().unwrap() {
             received.push(frame.position());

@@ -243,7 +243,7 @@ mod tests {
 
     fn publish(engine: &MemoryEngine, n: usize) -> Vec<Position> {
         let (tenant, topic) = (TenantId::parse("acme").unwrap(), Topic::parse("t").unwrap());
-        (0..n).map(|i| engine.publish(&tenant, topic.clone(), json!(i))).collect()
+        (0..n).map(|i| engine.publish(&tenant, topic.clone(), json!(i).into())).collect()
     }
 
     async fn steps(catch_up: CatchUp) -> Vec<Caught> {

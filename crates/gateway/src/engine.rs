@@ -6,14 +6,13 @@
 use std::sync::Arc;
 
 use changegate_core::{
-    ApiKey, CollectionName, Feed, FeedKey, Hub, KeyRecord, MemoryEngine, MemoryKeys, Position, Retention,
-    SourceKind, TenantId, Topic,
+    ApiKey, CollectionName, Feed, FeedKey, Hub, KeyRecord, MemoryEngine, MemoryKeys, Position, RawJson,
+    Retention, SourceKind, TenantId, Topic,
 };
 use changegate_core::{ConfigReason, EnvironmentId, EventBody, Timestamp};
 use changegate_flags::memory::MemoryFlags;
 use changegate_flags::{Emit, Environment as FlagEnvironment, FlagError};
 use changegate_postgres::{PgEngine, PgError};
-use serde_json::Value;
 
 use crate::error::ApiError;
 use crate::state::Sources;
@@ -114,7 +113,12 @@ impl Engine {
     }
 
     /// Logs a message and fans it out (on every instance); returns its position.
-    pub async fn publish(&self, tenant: &TenantId, topic: Topic, data: Value) -> Result<Position, ApiError> {
+    pub async fn publish(
+        &self,
+        tenant: &TenantId,
+        topic: Topic,
+        data: RawJson,
+    ) -> Result<Position, ApiError> {
         match self {
             Self::Memory { engine, .. } => Ok(engine.publish(tenant, topic, data)),
             Self::Postgres(engine) => Ok(engine.publish(tenant, &topic, &data).await?),

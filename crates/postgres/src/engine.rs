@@ -5,8 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use changegate_core::source::{BoxFuture, CatchUp, Log, OpenFuture, Source, SourceError, Start, paged};
-use changegate_core::{Epoch, FeedKey, Filter, Frame, Hub, Position, Replay, TenantId, Topic};
-use serde_json::Value;
+use changegate_core::{Epoch, FeedKey, Filter, Frame, Hub, Position, RawJson, Replay, TenantId, Topic};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -84,7 +83,12 @@ impl PgEngine {
     }
 
     /// Publishes a message through the outbox: every instance delivers it.
-    pub async fn publish(&self, tenant: &TenantId, topic: &Topic, data: &Value) -> Result<Position, PgError> {
+    pub async fn publish(
+        &self,
+        tenant: &TenantId,
+        topic: &Topic,
+        data: &RawJson,
+    ) -> Result<Position, PgError> {
         let seq = self.store.publish(tenant, topic, data).await?;
         Ok(Position::new(self.epoch, seq))
     }

@@ -3,33 +3,32 @@
 
 use changegate_core::{
     CollectionName, ConfigReason, EnvironmentId, Epoch, Event, EventBody, FlagEventKind, Op, Position,
-    ResetReason, SourceKind, TenantId, Timestamp, Topic,
+    RawJson, ResetReason, SourceKind, TenantId, Timestamp, Topic,
 };
 use serde::Deserialize;
 use serde_json::Value;
 
 use crate::PgError;
 
+/// An outbox row as `realtime.row_json` renders it, or — in a NOTIFY payload too big to carry
+/// the row — only its `seq`, `tenant` and `"ref": true`. Read in one pass; the payload stays
+/// the JSON text it was ([`RawJson`]).
 #[derive(Deserialize)]
 struct Row {
     seq: i64,
     tenant: String,
+    #[serde(rename = "ref", default)]
+    by_reference: bool,
+    #[serde(default)]
     kind: String,
     collection: Option<String>,
     topic: Option<String>,
     op: Option<String>,
     document_id: Option<String>,
     #[serde(default)]
-    payload: Value,
+    payload: Option<RawJson>,
+    #[serde(default)]
     at: i64,
-}
-
-#[derive(Deserialize)]
-struct Reference {
-    seq: i64,
-    tenant: String,
-    #[serde(rename = "ref", default)]
-    by_reference: bool,
 }
 
 /// What a NOTIFY carried.
@@ -58,25 +57,29 @@ pub fn decode_notification(payload: &str, epoch: Epoch) -> Result<Option<Event>,
 
 /// Parses a NOTIFY payload.
 pub(crate) fn notification(payload: &str, epoch: Epoch) -> Result<Notified, PgError> {
-    let reference: Reference = serde_json::from_str(payload)
+    let row: Row = serde_json::from_str(payload)
         .map_err(|e| PgError::corrupt(format!("a notification is not an outbox row: {e}")))?;
-    if reference.by_reference {
-        return Ok(Notified::Reference { seq: reference.seq, tenant: reference.tenant });
+    if row.by_reference {
+        return Ok(Notified::Reference { seq: row.seq, tenant: row.tenant });
     }
-    row(payload, epoch).map(Notified::Event)
+    event(row, epoch).map(Notified::Event)
 }
 
 /// Parses one `realtime.row_json` text.
 pub(crate) fn row(text: &str, epoch: Epoch) -> Result<Event, PgError> {
     let row: Row =
         serde_json::from_str(text).map_err(|e| PgError::corrupt(format!("not an outbox row: {e}")))?;
+    event(row, epoch)
+}
+
+fn event(row: Row, epoch: Epoch) -> Result<Event, PgError> {
     let seq = row.seq;
     let bad = |reason: &str| PgError::corrupt(format!("outbox row {seq} is malformed: {reason}"));
     let tenant = TenantId::parse(&row.tenant).map_err(|e| bad(&e.to_string()))?;
     let body = match row.kind.as_str() {
         "message" => EventBody::Message {
             topic: Topic::parse(row.topic.as_deref().unwrap_or("")).map_err(|e| bad(&e.to_string()))?,
-            data: row.payload,
+            data: row.payload.unwrap_or_else(RawJson::null),
         },
         "change" => EventBody::Change {
             source: SourceKind::Postgres,
@@ -89,11 +92,11 @@ pub(crate) fn row(text: &str, epoch: Epoch) -> Result<Event, PgError> {
                 _ => return Err(bad("unknown op")),
             },
             document_id: row.document_id.unwrap_or_default(),
-            document: row.payload,
+            document: row.payload.unwrap_or_else(RawJson::null),
         },
         "reset" => EventBody::Reset { reason: ResetReason::Truncated },
         "flag" => {
-            let p = &row.payload;
+            let p = &row.payload.as_ref().map(RawJson::to_value).unwrap_or_default();
             let text = |name: &str| p.get(name).and_then(Value::as_str).unwrap_or_default();
             EventBody::Flag {
                 environment: EnvironmentId::parse(text("environment")).map_err(|e| bad(&e.to_string()))?,
@@ -104,7 +107,7 @@ pub(crate) fn row(text: &str, epoch: Epoch) -> Result<Event, PgError> {
             }
         }
         "config" => {
-            let p = &row.payload;
+            let p = &row.payload.as_ref().map(RawJson::to_value).unwrap_or_default();
             let environment = match p.get("environment").and_then(Value::as_str) {
                 Some(e) => Some(EnvironmentId::parse(e).map_err(|e| bad(&e.to_string()))?),
                 None => None,
@@ -142,7 +145,7 @@ mod tests {
         assert!(matches!(
             event.body,
             EventBody::Change { op: Op::Delete, ref document_id, ref document, .. }
-                if document_id == "1" && *document == json!({"id": 1})
+                if document_id == "1" && document.to_value() == json!({"id": 1})
         ));
     }
 

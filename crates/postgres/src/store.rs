@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use changegate_core::{
-    ApiKey, CollectionName, EnvironmentId, Epoch, Event, EventBody, Feed, FeedKey, KeyHash, KeyRecord, Scope,
-    TenantId, Timestamp, Topic,
+    ApiKey, CollectionName, EnvironmentId, Epoch, Event, EventBody, Feed, FeedKey, KeyHash, KeyRecord,
+    RawJson, Scope, TenantId, Timestamp, Topic,
 };
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use serde_json::Value;
@@ -490,13 +490,13 @@ impl Store {
     }
 
     /// Publishes a message through the outbox; returns its sequence number.
-    pub async fn publish(&self, tenant: &TenantId, topic: &Topic, data: &Value) -> Result<u64, PgError> {
+    pub async fn publish(&self, tenant: &TenantId, topic: &Topic, data: &RawJson) -> Result<u64, PgError> {
         let row = self
             .client()
             .await?
             .query_one(
                 "select realtime.publish($1, $2, $3::text::jsonb)",
-                &[&tenant.as_str(), &topic.as_str(), &data.to_string()],
+                &[&tenant.as_str(), &topic.as_str(), &data.get()],
             )
             .await
             .map_err(PgError::query(format!("publishing for tenant {tenant}")))?;

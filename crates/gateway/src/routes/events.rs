@@ -7,9 +7,9 @@ use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use changegate_core::event::Dialect;
-use changegate_core::{CollectionName, Feed, FeedKey, Filter, SourceKind, Topic, TopicPattern};
+use changegate_core::{CollectionName, Feed, FeedKey, Filter, RawJson, SourceKind, Topic, TopicPattern};
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::auth::{Authenticated, Publish, Subscribe};
 use crate::error::ApiError;
@@ -111,7 +111,7 @@ pub(super) async fn subscribe(
 #[serde(deny_unknown_fields)]
 struct PublishBody {
     topic: String,
-    data: Value,
+    data: RawJson,
 }
 
 pub(super) async fn publish(

@@ -17,11 +17,10 @@ use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use changegate_core::event::Dialect;
 use changegate_core::{
-    CatchUp, Caught, Event, EventBody, Frame, Position, ResetReason, Subscription, Timestamp, Topic,
+    CatchUp, Caught, Event, EventBody, Frame, Position, RawJson, ResetReason, Subscription, Timestamp, Topic,
 };
 use changegate_flags::dialect;
 use serde::Serialize;
-use serde_json::Value;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
@@ -32,7 +31,7 @@ struct MessageData<'a> {
     #[serde(rename = "type")]
     kind: &'static str,
     topic: &'a Topic,
-    data: &'a Value,
+    data: &'a RawJson,
     timestamp: String,
 }
 
@@ -42,7 +41,7 @@ struct ChangeData<'a> {
     #[serde(rename = "type")]
     kind: &'static str,
     document_id: &'a str,
-    document: &'a Value,
+    document: &'a RawJson,
 }
 
 /// The realtime dialect (`/v1/events/subscribe`): `id:` + one `data:` line, no `event:` field,
@@ -397,7 +396,7 @@ pub fn hello(retry_after: Duration) -> Bytes {
 #[cfg(test)]
 mod tests {
     use changegate_core::{Epoch, TenantId, Timestamp};
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     use super::*;
 
@@ -406,7 +405,7 @@ mod tests {
             tenant: TenantId::parse("t").unwrap(),
             position: Position::new(Epoch(0xabc), 7),
             at: Timestamp::from_millis(1_795_383_423_123),
-            body: EventBody::Message { topic: Topic::parse("order.created").unwrap(), data },
+            body: EventBody::Message { topic: Topic::parse("order.created").unwrap(), data: data.into() },
             cursor: None,
         }
     }
@@ -451,7 +450,7 @@ mod tests {
 mod properties {
     use changegate_core::{Epoch, TenantId, Timestamp};
     use proptest::prelude::*;
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     use super::*;
 
@@ -462,7 +461,7 @@ mod properties {
                 tenant: TenantId::parse("t").unwrap(),
                 position: Position::new(Epoch(1), 2),
                 at: Timestamp::from_millis(0),
-                body: EventBody::Message { topic: Topic::parse("t").unwrap(), data: json!({ "s": s, "k": [s] }) },
+                body: EventBody::Message { topic: Topic::parse("t").unwrap(), data: json!({ "s": s, "k": [s] }).into() },
                 cursor: None,
             };
             let bytes = encode_realtime(&event);
