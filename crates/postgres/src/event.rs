@@ -91,6 +91,7 @@ fn event(row: Row, epoch: Epoch) -> Result<Event, PgError> {
                 Some("delete") => Op::Delete,
                 _ => return Err(bad("unknown op")),
             },
+            // A table without a primary key has no id to give (the trigger writes null).
             document_id: row.document_id.unwrap_or_default(),
             document: row.payload.unwrap_or_else(RawJson::null),
         },
@@ -101,8 +102,19 @@ fn event(row: Row, epoch: Epoch) -> Result<Event, PgError> {
             EventBody::Flag {
                 environment: EnvironmentId::parse(text("environment")).map_err(|e| bad(&e.to_string()))?,
                 kind: FlagEventKind::parse(text("type")).ok_or_else(|| bad("unknown flag event type"))?,
-                flag_key: text("flag_key").to_owned(),
-                version: p.get("version").and_then(Value::as_u64).unwrap_or(0),
+                // No defaults: a flag event without its key or version is not delivered as
+                // flag `""` at version 0, it is a malformed row.
+                flag_key: p
+                    .get("flag_key")
+                    .and_then(Value::as_str)
+                    .filter(|k| !k.is_empty())
+                    .ok_or_else(|| bad("a flag event without flag_key"))?
+                    .to_owned(),
+                version: p
+                    .get("version")
+                    .and_then(Value::as_u64)
+                    .ok_or_else(|| bad("a flag event without version"))?,
+                // `null` is what a deleted flag's event carries.
                 flag: p.get("flag").cloned().unwrap_or(Value::Null),
             }
         }
@@ -150,6 +162,15 @@ mod tests {
     }
 
     #[test]
+    fn a_flag_row_becomes_a_flag_event() {
+        let text = r#"{"seq":2,"tenant":"acme","kind":"flag","payload":{"environment":"prod","type":"flag.updated","flag_key":"k","version":3,"flag":{"key":"k"}},"at":0}"#;
+        let EventBody::Flag { flag_key, version, flag, .. } = row(text, Epoch(1)).unwrap().body else {
+            panic!("a flag event")
+        };
+        assert_eq!((flag_key.as_str(), version, flag), ("k", 3, json!({"key": "k"})));
+    }
+
+    #[test]
     fn a_reference_notification_names_the_row_to_fetch() {
         let parsed = notification(r#"{"seq":9,"tenant":"acme","ref":true}"#, Epoch(1)).unwrap();
         assert!(matches!(parsed, Notified::Reference { seq: 9, ref tenant } if tenant == "acme"));
@@ -164,8 +185,10 @@ mod tests {
             r#"{"seq":1,"tenant":"a","kind":"change","collection":"t","op":"merge","at":0}"#,
             r#"{"seq":-1,"tenant":"a","kind":"reset","at":0}"#,
             r#"{"seq":1,"tenant":"a","kind":"other","at":0}"#,
+            r#"{"seq":1,"tenant":"a","kind":"flag","payload":{"environment":"prod","type":"flag.updated","version":2},"at":0}"#,
+            r#"{"seq":1,"tenant":"a","kind":"flag","payload":{"environment":"prod","type":"flag.updated","flag_key":"k"},"at":0}"#,
         ] {
-            assert!(row(bad, Epoch(1)).is_err(), "{bad}");
+            assert!(row(bad, Epoch(1)).is_err_and(|e| e.is_corrupt()), "{bad}");
         }
     }
 }
