@@ -75,6 +75,18 @@ enum Scenario {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
+    /// What capture costs the host database: single-row commits/s from W concurrent writers
+    /// into a captured table against the same table without capture, and a quiet tenant's
+    /// commit rate alone and beside a hot tenant writing flat out (issue #13's figures).
+    Capture {
+        #[arg(long, default_value_t = 8)]
+        writers: usize,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Server to create the `changegate_bench` database on.
+        #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+        database_url: String,
+    },
     /// R commits/s into a realtime table with S subscribers; commit → receive latency.
     Postgres {
         #[arg(long, default_value_t = 100)]
@@ -232,6 +244,9 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Compare { connections, subscribers, rates, seconds } => {
             servers::compare(&binary, connections, subscribers, &rates, seconds).await
         }
+        Scenario::Capture { writers, seconds, database_url } => {
+            capture(&binary, writers, seconds, &database_url).await
+        }
         Scenario::Postgres { subscribers, rates, seconds, rows_per_commit, database_url } => {
             postgres(&binary, subscribers, &rates, seconds, rows_per_commit, &database_url).await
         }
@@ -388,6 +403,93 @@ async fn bench_database(binary: &std::path::Path, server: &str) -> anyhow::Resul
     )
     .await?;
     Ok((url, key))
+}
+
+/// `writers` connections each committing single-row inserts of `tenant` into `table` back to
+/// back for `seconds`: commits per second, all writers together.
+async fn commit_rate(url: &str, table: &str, tenants: &[&str], seconds: u64) -> anyhow::Result<f64> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
+    let mut writers = tokio::task::JoinSet::new();
+    for tenant in tenants {
+        let (db, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        let sql = format!("insert into {table} (tenant_id, t) values ($1, $2)");
+        let tenant = (*tenant).to_owned();
+        writers.spawn(async move {
+            let statement = db.prepare(&sql).await?;
+            let mut commits = 0u64;
+            while tokio::time::Instant::now() < deadline {
+                db.execute(&statement, &[&tenant, &0_i64]).await?;
+                commits += 1;
+            }
+            anyhow::Ok(commits)
+        });
+    }
+    let mut commits = 0;
+    while let Some(done) = writers.join_next().await {
+        commits += done??;
+    }
+    Ok(commits as f64 / seconds as f64)
+}
+
+async fn capture(binary: &std::path::Path, writers: usize, seconds: u64, server: &str) -> anyhow::Result<()> {
+    let (url, key) = bench_database(binary, server).await?;
+    let (db, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    db.batch_execute(
+        "create table plain (id bigserial primary key, tenant_id text not null, t bigint not null);
+         select realtime.enable('bench', 'tenant_id');",
+    )
+    .await?;
+    // A gateway LISTENing with a subscriber on each tenant, as in production.
+    let gw = Gateway::start(binary, &[], &[("DATABASE_URL".into(), url.clone())]).await?;
+    let (stop_tx, stop) = watch::channel(false);
+    let handles = subscribe_many(
+        gw.address,
+        1,
+        &|_| ("/v1/events/subscribe?collection=bench".into(), key.clone(), None),
+        None,
+        &stop,
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let spread: Vec<String> = (0..writers).map(|i| format!("t{}", i % 2)).collect();
+    let spread: Vec<&str> = spread.iter().map(String::as_str).collect();
+    let plain = commit_rate(&url, "plain", &spread, seconds).await?;
+    let captured = commit_rate(&url, "bench", &spread, seconds).await?;
+    let hot = vec!["t0"; writers];
+    let captured_one_tenant = commit_rate(&url, "bench", &hot, seconds).await?;
+    report(
+        "capture",
+        json!({"writers": writers, "plain_commits_per_second": plain, "captured_commits_per_second": captured,
+               "captured_one_tenant_commits_per_second": captured_one_tenant}),
+        format!(
+            "{writers} writers, single-row commits \\| plain {plain:.0}/s, captured {captured:.0}/s ({:.0} % of plain), captured with every writer on one tenant {captured_one_tenant:.0}/s ({:.0} %)",
+            100.0 * captured / plain,
+            100.0 * captured_one_tenant / plain
+        ),
+    );
+    // A quiet tenant (one writer) alone, then beside a hot tenant writing flat out.
+    let alone = commit_rate(&url, "bench", &["t1"], seconds).await?;
+    let quiet = {
+        let url = url.clone();
+        tokio::spawn(async move { commit_rate(&url, "bench", &["t1"], seconds).await })
+    };
+    let hot_tenant = vec!["t0"; writers.saturating_sub(1).max(1)];
+    let hot_rate = commit_rate(&url, "bench", &hot_tenant, seconds).await?;
+    let beside = quiet.await??;
+    report(
+        "capture",
+        json!({"writers": writers, "quiet_alone": alone, "quiet_beside_hot": beside, "hot": hot_rate}),
+        format!(
+            "a quiet tenant (1 writer) beside a hot one ({} writers, {hot_rate:.0}/s) \\| alone {alone:.0}/s, beside it {beside:.0}/s ({:+.0} %)",
+            hot_tenant.len(),
+            100.0 * (beside - alone) / alone
+        ),
+    );
+    let _ = stop_tx.send(true);
+    collect(handles).await;
+    Ok(())
 }
 
 async fn postgres(
