@@ -235,3 +235,23 @@ async fn the_probe_command_reports_readiness() {
     drop(closed);
     assert!(!probe(nobody).await.unwrap().status.success());
 }
+
+/// `--workers` sets how many runtime worker threads serve connections (operators give the
+/// gateway fewer cores than the machine has when the database shares it).
+#[tokio::test]
+async fn workers_sets_the_number_of_runtime_threads() {
+    for workers in [1, 3] {
+        let gw = Gateway::start(&["--workers", &workers.to_string()]).await;
+        let mut sse =
+            gw.sse(&format!("/v1/events/subscribe?topic=*&apikey={}", gw.dev_key("anon")), &[]).await;
+        gw.publish(&gw.dev_key("publish"), "t", json!(1)).await;
+        assert_eq!(sse.next_event().await.json()["data"], 1);
+        let threads = std::fs::read_dir(format!("/proc/{}/task", gw.pid()))
+            .unwrap()
+            .filter_map(|task| std::fs::read_to_string(task.unwrap().path().join("comm")).ok())
+            // tokio names its worker threads `tokio-rt-worker` (older releases: `tokio-runtime-worker`).
+            .filter(|name| name.trim().starts_with("tokio-r"))
+            .count();
+        assert_eq!(threads, workers);
+    }
+}

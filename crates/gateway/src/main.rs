@@ -253,11 +253,24 @@ struct Serve {
     /// How long shutdown waits for streams to drain.
     #[arg(long, env = "CHANGEGATE_DRAIN", default_value = "5s", value_parser = duration)]
     drain: Duration,
+    /// Runtime worker threads (default: one per core). Fewer leaves cores to what shares the
+    /// machine (the database, a sidecar).
+    #[arg(long, env = "CHANGEGATE_WORKERS")]
+    workers: Option<usize>,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Command::Serve(args) = &cli.command
+        && let Some(workers) = args.workers
+    {
+        runtime.worker_threads(workers.max(1));
+    }
+    runtime.enable_all().build().context("starting the runtime")?.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CHANGEGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
