@@ -244,7 +244,7 @@ async fn workers_sets_the_number_of_runtime_threads() {
         let gw = Gateway::start(&["--workers", &workers.to_string()]).await;
         let mut sse =
             gw.sse(&format!("/v1/events/subscribe?topic=*&apikey={}", gw.dev_key("anon")), &[]).await;
-        gw.publish(&gw.dev_key("publish"), "t", json!(1)).await;
+        gw.publish(gw.dev_key("publish"), "t", json!(1)).await;
         assert_eq!(sse.next_event().await.json()["data"], 1);
         let threads = std::fs::read_dir(format!("/proc/{}/task", gw.pid()))
             .unwrap()
