@@ -86,6 +86,8 @@ async fn the_trigger_notifies_the_documented_channel_name() {
     let db = TestDb::new().await;
     db.setup(&["acme"], "anon");
     db.todos().await;
+    // The NOTIFY is sent after the commit by the sequencer, which a running gateway provides.
+    let _gw = db.gateway(&[]).await;
     // A plain PostgreSQL client LISTENing on flc_rt_<md5('public.todos:acme')> sees the change.
     let (listener, mut connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await.unwrap();
     let (sender, mut received) = tokio::sync::mpsc::unbounded_channel();
@@ -113,8 +115,19 @@ async fn truncate_sends_a_reset_to_the_tables_subscribers() {
     let db = TestDb::new().await;
     let keys = db.setup(&["acme"], "anon");
     db.todos().await;
-    db.client.batch_execute("insert into todos (tenant_id, title) values ('acme', 'a')").await.unwrap();
     let gw = db.gateway(&[]).await;
+    db.client.batch_execute("insert into todos (tenant_id, title) values ('acme', 'a')").await.unwrap();
+    // The insert is numbered (and so in the past) before the subscriber arrives.
+    changegate_e2e::eventually("the insert is sequenced", || async {
+        let pending: i64 = db
+            .client
+            .query_one("select count(*) from realtime.outbox where seq is null", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if pending == 0 { Ok(()) } else { Err(format!("{pending} rows pending")) }
+    })
+    .await;
     let mut sse = gw.sse(&collection_path("todos", &keys[0]), &[]).await;
     db.client.batch_execute("truncate todos").await.unwrap();
     let reset = sse.next_event().await;
@@ -182,4 +195,50 @@ async fn the_cli_prints_a_key_once_and_lists_keys_without_secrets() {
             && listing.lines().any(|l| l.contains(&id) && l.ends_with("revoked=true"))
     );
     assert_eq!(listing.lines().filter(|l| l.ends_with("revoked=false")).count(), 1, "{listing}");
+}
+
+/// A database migrated by a changegate from before the sequencer (schema versions 1 and 2,
+/// rows numbered at commit) upgrades in place: positions handed out before stay valid, a client
+/// resuming from one gets exactly what it missed, and rows committed during the upgrade window
+/// are numbered after everything older.
+#[tokio::test]
+async fn an_id_from_before_the_sequencer_upgrade_resumes_without_loss() {
+    let db = TestDb::new().await;
+    let migrations_ddl = "create schema realtime;
+        create table realtime.migrations (version integer primary key, name text not null,
+                                          applied_at timestamptz not null default now());";
+    db.client
+        .batch_execute(&format!(
+            "{migrations_ddl} {} {} insert into realtime.migrations (version, name) values (1, 'realtime'), (2, 'flags');",
+            include_str!("../../sql/001_realtime.sql"),
+            include_str!("../../sql/002_flags.sql")
+        ))
+        .await
+        .unwrap();
+    db.todos().await;
+    // Under the old schema the commit trigger numbers rows as they commit.
+    for title in ["old-1", "old-2", "old-3"] {
+        db.client
+            .execute("insert into todos (tenant_id, title) values ('acme', $1)", &[&title])
+            .await
+            .unwrap();
+    }
+    let row = db
+        .client
+        .query_one("select (select epoch from realtime.meta), min(seq) from realtime.outbox", &[])
+        .await
+        .unwrap();
+    let (epoch, first): (i64, i64) = (row.get(0), row.get(1));
+    let held = format!("{epoch:08x}-{first}");
+    // The upgrade (as `changegate migrate` or `serve --migrate` runs it), then a new gateway.
+    let keys = db.setup(&["acme"], "anon");
+    let gw = db.gateway(&[]).await;
+    db.client.execute("insert into todos (tenant_id, title) values ('acme', 'new-1')", &[]).await.unwrap();
+    let mut resumed = gw.sse(&collection_path("todos", &keys[0]), &[("last-event-id", &held)]).await;
+    let mut titles = Vec::new();
+    for _ in 0..3 {
+        titles.push(resumed.next_event().await.json()["document"]["title"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(titles, ["old-2", "old-3", "new-1"]);
+    resumed.assert_quiet(Duration::from_millis(300)).await;
 }

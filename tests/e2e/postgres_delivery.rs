@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use changegate_e2e::{Sse, TestDb, collection_path, rss_bytes, seq};
+use changegate_e2e::{Sse, TestDb, collection_path, eventually, rss_bytes, seq};
 use serde_json::json;
 
 async fn titles(sse: &mut Sse, n: usize) -> Vec<(String, String)> {
@@ -372,4 +372,194 @@ async fn fifty_clients_resuming_a_million_events_back_stream_it_in_pages_with_fl
     let all = gw.http.get(&url).header("last-event-id", &from).send().await.unwrap();
     let (read, _) = read_consecutive(all, first, 200_000).await;
     assert_eq!(read, 200_000);
+}
+
+/// The backend of the gateway that holds the sequencer lock (what a standby waits for).
+async fn sequencer_backends(db: &TestDb) -> i64 {
+    db.client
+        .query_one(
+            "select count(*) from pg_stat_activity
+             where datname = current_database() and application_name = 'changegate-sequencer'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// One gateway of two numbers the outbox; when it dies mid-write the other takes over within a
+/// second, and a subscriber on the survivor gets every row once, in order.
+#[tokio::test]
+async fn killing_the_sequencing_gateway_mid_write_hands_over_and_loses_nothing() {
+    let db = TestDb::new().await;
+    let keys = db.setup(&["acme"], "anon");
+    db.todos().await;
+    let leader = db.gateway(&[]).await;
+    let standby = db.gateway(&[]).await;
+    // Both have a sequencer session; one holds the lock, the other waits.
+    eventually("two sequencer sessions", || async {
+        let n = sequencer_backends(&db).await;
+        if n == 2 { Ok(()) } else { Err(format!("{n}")) }
+    })
+    .await;
+    let mut sse = standby.sse(&collection_path("todos", &keys[0]), &[]).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writing = writer(&db, stop.clone());
+    let mut received = titles(&mut sse, 20).await;
+    // SIGKILL: no goodbye, the lock goes only when PostgreSQL sees the connection die.
+    let killed_at = tokio::time::Instant::now();
+    std::process::Command::new("kill").args(["-9", &leader.pid().to_string()]).status().unwrap();
+    let more = titles(&mut sse, 1).await;
+    let handed_over = killed_at.elapsed();
+    received.extend(more);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::SeqCst);
+    let written = writing.await.unwrap();
+    received.extend(titles(&mut sse, written - received.len()).await);
+    let expected: Vec<String> = (1..=written).map(|n| n.to_string()).collect();
+    assert_eq!(received.iter().map(|(_, t)| t.clone()).collect::<Vec<_>>(), expected);
+    sse.assert_quiet(Duration::from_millis(300)).await;
+    assert!(handed_over < Duration::from_secs(2), "the standby took over in {handed_over:?}");
+}
+
+/// Delivery never waits for transactions that did not write to the outbox: a session left idle
+/// in a transaction on another table (holding back the database's xmin horizon) changes nothing.
+#[tokio::test]
+async fn a_transaction_left_open_on_another_table_does_not_hold_back_delivery() {
+    let db = TestDb::new().await;
+    let keys = db.setup(&["acme"], "anon");
+    db.todos().await;
+    let gw = db.gateway(&[]).await;
+    let mut sse = gw.sse(&collection_path("todos", &keys[0]), &[]).await;
+    let idle = db.connect().await;
+    idle.batch_execute("create table report (n int); begin; insert into report values (1)").await.unwrap();
+    for n in 1..=3 {
+        db.client
+            .execute("insert into todos (tenant_id, title) values ('acme', $1)", &[&n.to_string()])
+            .await
+            .unwrap();
+    }
+    let received =
+        tokio::time::timeout(Duration::from_secs(2), titles(&mut sse, 3)).await.expect("delivered");
+    assert_eq!(received.iter().map(|(_, t)| t.as_str()).collect::<Vec<_>>(), ["1", "2", "3"]);
+    // And a captured transaction left open holds back only its own row.
+    idle.batch_execute("insert into todos (tenant_id, title) values ('acme', 'late')").await.unwrap();
+    db.client.execute("insert into todos (tenant_id, title) values ('acme', '4')", &[]).await.unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(2), titles(&mut sse, 1)).await.expect("delivered");
+    assert_eq!(next[0].1, "4");
+    idle.batch_execute("commit").await.unwrap();
+    assert_eq!(titles(&mut sse, 1).await[0].1, "late");
+    sse.assert_quiet(Duration::from_millis(300)).await;
+}
+
+/// Many writers, transactions of random length held open for random times, subscribers that
+/// drop and resume at random points: every subscriber sees the same sequence, each row exactly
+/// once, and a transaction that began after another committed comes after it.
+#[tokio::test]
+async fn randomized_concurrent_transactions_arrive_once_in_one_order_consistent_with_commits() {
+    let db = TestDb::new().await;
+    let keys = db.setup(&["acme"], "anon");
+    db.todos().await;
+    let gw = db.gateway(&[]).await;
+    let path = collection_path("todos", &keys[0]);
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    println!("seed {seed}");
+    // A small xorshift: the test needs variety, not quality.
+    let random = move |state: &mut u64, below: u64| {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        *state % below
+    };
+    let steady = gw.sse(&path, &[]).await;
+    let resumer = gw.sse(&path, &[]).await;
+    let started = tokio::time::Instant::now();
+    let mut writers = tokio::task::JoinSet::new();
+    for w in 0..6_u64 {
+        let client = db.connect().await;
+        let mut state = seed.wrapping_add(w.wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1;
+        writers.spawn(async move {
+            // (rows, began, committed), times since `started`.
+            let mut transactions = Vec::new();
+            for t in 0..25 {
+                let rows = 1 + random(&mut state, 4);
+                let began = started.elapsed();
+                client.batch_execute("begin").await.unwrap();
+                let mut titles = Vec::new();
+                for r in 0..rows {
+                    let title = format!("w{w}-t{t}-r{r}");
+                    client
+                        .execute("insert into todos (tenant_id, title) values ('acme', $1)", &[&title])
+                        .await
+                        .unwrap();
+                    titles.push(title);
+                    tokio::time::sleep(Duration::from_millis(random(&mut state, 4))).await;
+                }
+                client.batch_execute("commit").await.unwrap();
+                transactions.push((titles, began, started.elapsed()));
+            }
+            transactions
+        });
+    }
+    // The resumer drops its stream at random points and resumes from the last id it saw,
+    // until it has as many rows as the writers committed (known once they are done).
+    let (total_tx, total_rx) = tokio::sync::watch::channel(usize::MAX);
+    let resuming = {
+        let (gw, path) = (&gw, path.clone());
+        let mut state = seed | 1;
+        async move {
+            let mut sse = resumer;
+            let mut seen: Vec<(String, String)> = Vec::new();
+            let mut total_rx = total_rx;
+            loop {
+                for _ in 0..1 + random(&mut state, 40) {
+                    if seen.len() >= *total_rx.borrow_and_update() {
+                        return seen;
+                    }
+                    // Wakes for a row, or once for the total becoming known (then nothing was
+                    // arriving: every row committed so far had been read).
+                    tokio::select! {
+                        row = titles(&mut sse, 1) => seen.extend(row),
+                        _ = total_rx.changed() => {}
+                    }
+                }
+                let last = seen.last().map(|(id, _)| id.clone());
+                let headers: Vec<(&str, &str)> =
+                    last.iter().map(|id| ("last-event-id", id.as_str())).collect();
+                sse = gw.sse(&path, &headers).await;
+            }
+        }
+    };
+    let committing = async {
+        let mut transactions = Vec::new();
+        while let Some(done) = writers.join_next().await {
+            transactions.extend(done.unwrap());
+        }
+        let total: usize = transactions.iter().map(|(rows, _, _): &(Vec<String>, _, _)| rows.len()).sum();
+        total_tx.send_replace(total);
+        (transactions, total)
+    };
+    let (resumer_seen, (transactions, total)) = tokio::join!(resuming, committing);
+    let mut steady = steady;
+    let steady_seen = titles(&mut steady, total).await;
+    // Same order, same ids, on both; each row once.
+    assert_eq!(resumer_seen, steady_seen, "seed {seed}");
+    let order: Vec<&str> = steady_seen.iter().map(|(_, t)| t.as_str()).collect();
+    let mut unique = order.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(unique.len(), total, "every row exactly once (seed {seed})");
+    // Commit order: if B began after A committed, all of A comes before any of B.
+    let place: std::collections::HashMap<&str, usize> =
+        order.iter().enumerate().map(|(i, t)| (*t, i)).collect();
+    for (a_rows, _, a_committed) in &transactions {
+        for (b_rows, b_began, _) in &transactions {
+            if b_began > a_committed {
+                let a_last = a_rows.iter().map(|t| place[t.as_str()]).max().unwrap();
+                let b_first = b_rows.iter().map(|t| place[t.as_str()]).min().unwrap();
+                assert!(a_last < b_first, "{a_rows:?} committed before {b_rows:?} began (seed {seed})");
+            }
+        }
+    }
+    steady.assert_quiet(Duration::from_millis(300)).await;
 }

@@ -133,6 +133,12 @@ fn consume(buffer: &mut Vec<u8>, seen: &mut Seen, tenant_marker: Option<&str>) {
 
 fn field_u64(data: &[u8], name: &[u8]) -> Option<u64> {
     let at = data.windows(name.len()).position(|w| w == name)? + name.len();
-    let digits: Vec<u8> = data[at..].iter().copied().take_while(u8::is_ascii_digit).collect();
+    // JSON allows whitespace after the colon (PostgreSQL's jsonb text has a space there).
+    let digits: Vec<u8> = data[at..]
+        .iter()
+        .copied()
+        .skip_while(u8::is_ascii_whitespace)
+        .take_while(u8::is_ascii_digit)
+        .collect();
     std::str::from_utf8(&digits).ok()?.parse().ok()
 }

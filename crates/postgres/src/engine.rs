@@ -63,6 +63,7 @@ impl PgEngine {
             cancel.clone(),
         );
         tokio::spawn(listener.run());
+        tokio::spawn(crate::sequencer::run(store.clone(), cancel.clone()));
         tokio::spawn(prune(store.clone(), config, cancel));
         Ok(Self { store, epoch, commands, listening, revoked })
     }

@@ -13,6 +13,8 @@
 //!   tenants, flags, retention);
 //! * `engine` — [`PgEngine`], the [`changegate_core::Source`] of messages, flags and tables:
 //!   opens feeds through the LISTEN task, reads catch-ups in keyset pages;
+//! * [`sequencer`] — numbers committed outbox rows and sends their NOTIFYs, one session per
+//!   database, so writers' commits take no lock and send no NOTIFY;
 //! * `source` — the LISTEN task (reconnects, replays what it missed while down); `event` — a
 //!   NOTIFY payload or outbox row to an event; `channel` — feed to channel name.
 
@@ -20,6 +22,7 @@ mod channel;
 mod engine;
 mod event;
 pub mod migrate;
+pub mod sequencer;
 mod source;
 pub mod store;
 

@@ -610,7 +610,7 @@ impl Store {
     }
 
     /// The newest committed position of `channel`: where a client continues after a reset.
-    /// (Any later commit on the channel gets a higher number: see `realtime.sequence()`.)
+    /// (Any row numbered later gets a higher number: see `realtime.sequence_batch()`.)
     pub async fn head(&self, channel: &str) -> Result<u64, PgError> {
         let row = self
             .client()
