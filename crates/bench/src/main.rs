@@ -438,7 +438,15 @@ async fn capture(binary: &std::path::Path, writers: usize, seconds: u64, server:
     tokio::spawn(connection);
     db.batch_execute(
         "create table plain (id bigserial primary key, tenant_id text not null, t bigint not null);
-         select realtime.enable('bench', 'tenant_id');",
+         -- The naive reference a user would write instead: NOTIFY the row from a trigger, in the
+         -- user's transaction (no outbox, so no resume, no order across reconnects).
+         create table naive (id bigserial primary key, tenant_id text not null, t bigint not null);
+         create function naive_notify() returns trigger language plpgsql as $$
+         begin
+             perform pg_notify('naive_' || md5(NEW.tenant_id), row_to_json(NEW)::text);
+             return null;
+         end $$;
+         create trigger naive after insert on naive for each row execute function naive_notify();",
     )
     .await?;
     // A gateway LISTENing with a subscriber on each tenant, as in production.
@@ -457,15 +465,18 @@ async fn capture(binary: &std::path::Path, writers: usize, seconds: u64, server:
     let spread: Vec<&str> = spread.iter().map(String::as_str).collect();
     let plain = commit_rate(&url, "plain", &spread, seconds).await?;
     let captured = commit_rate(&url, "bench", &spread, seconds).await?;
+    let naive = commit_rate(&url, "naive", &spread, seconds).await?;
     let hot = vec!["t0"; writers];
     let captured_one_tenant = commit_rate(&url, "bench", &hot, seconds).await?;
     report(
         "capture",
         json!({"writers": writers, "plain_commits_per_second": plain, "captured_commits_per_second": captured,
+               "naive_notify_commits_per_second": naive,
                "captured_one_tenant_commits_per_second": captured_one_tenant}),
         format!(
-            "{writers} writers, single-row commits \\| plain {plain:.0}/s, captured {captured:.0}/s ({:.0} % of plain), captured with every writer on one tenant {captured_one_tenant:.0}/s ({:.0} %)",
+            "{writers} writers, single-row commits \\| plain {plain:.0}/s, captured {captured:.0}/s ({:.0} % of plain), naive NOTIFY trigger {naive:.0}/s ({:.0} %), captured with every writer on one tenant {captured_one_tenant:.0}/s ({:.0} %)",
             100.0 * captured / plain,
+            100.0 * naive / plain,
             100.0 * captured_one_tenant / plain
         ),
     );
