@@ -207,7 +207,7 @@ async fn a_position_pruned_by_retention_yields_reset_and_a_kept_one_replays() {
     let db = TestDb::new().await;
     let keys = db.setup(&["acme"], "anon");
     db.todos().await;
-    let gw = db.gateway(&["--outbox-max-rows", "3", "--prune-every", "100ms"]).await;
+    let gw = db.gateway(&["--outbox-max-rows-per-channel", "3", "--prune-every", "100ms"]).await;
     let mut sse = gw.sse(&collection_path("todos", &keys[0]), &[]).await;
     for n in 0..6 {
         db.client
@@ -562,4 +562,54 @@ async fn randomized_concurrent_transactions_arrive_once_in_one_order_consistent_
         }
     }
     steady.assert_quiet(Duration::from_millis(300)).await;
+}
+
+/// The row cap is per channel: a tenant writing far past it loses its own oldest history (its
+/// stale client gets `reset`), while a quiet tenant's history is untouched and replays.
+#[tokio::test]
+async fn a_noisy_tenant_cannot_evict_another_tenants_history() {
+    let db = TestDb::new().await;
+    let keys = db.setup(&["acme", "beta"], "anon");
+    db.todos().await;
+    let gw = db.gateway(&["--outbox-max-rows-per-channel", "5", "--prune-every", "100ms"]).await;
+    let mut quiet = gw.sse(&collection_path("todos", &keys[1]), &[]).await;
+    let mut noisy = gw.sse(&collection_path("todos", &keys[0]), &[]).await;
+    for n in 0..3 {
+        db.client
+            .execute("insert into todos (tenant_id, title) values ('beta', $1)", &[&format!("b{n}")])
+            .await
+            .unwrap();
+    }
+    let beta_seen = titles(&mut quiet, 3).await;
+    for n in 0..40 {
+        db.client
+            .execute("insert into todos (tenant_id, title) values ('acme', $1)", &[&format!("a{n}")])
+            .await
+            .unwrap();
+    }
+    let acme_seen = titles(&mut noisy, 40).await;
+    eventually("retention trimmed the noisy channel", || async {
+        let rows: i64 = db
+            .client
+            .query_one(
+                "select count(*) from realtime.outbox o join realtime.channel_rows c using (channel)",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if rows <= 5 + 3 { Ok(()) } else { Err(format!("{rows} rows")) }
+    })
+    .await;
+    // The quiet tenant resumes from its first event: nothing of its history went.
+    let mut resumed =
+        gw.sse(&collection_path("todos", &keys[1]), &[("last-event-id", &beta_seen[0].0)]).await;
+    assert_eq!(titles(&mut resumed, 2).await, beta_seen[1..].to_vec());
+    resumed.assert_quiet(Duration::from_millis(300)).await;
+    // The noisy one's stale client is told to refetch; a recent position still replays.
+    let mut stale = gw.sse(&collection_path("todos", &keys[0]), &[("last-event-id", &acme_seen[0].0)]).await;
+    assert_eq!(stale.next_event().await.event(), Some("reset"));
+    let mut recent =
+        gw.sse(&collection_path("todos", &keys[0]), &[("last-event-id", &acme_seen[36].0)]).await;
+    assert_eq!(titles(&mut recent, 3).await, acme_seen[37..].to_vec());
 }

@@ -214,9 +214,10 @@ struct Serve {
     /// PostgreSQL engine: connections in the query pool.
     #[arg(long, env = "CHANGEGATE_PG_POOL", default_value_t = 8)]
     pg_pool: usize,
-    /// PostgreSQL engine: at most this many outbox rows are kept for replay.
-    #[arg(long, env = "CHANGEGATE_OUTBOX_MAX_ROWS", default_value_t = 1_000_000)]
-    outbox_max_rows: u64,
+    /// PostgreSQL engine: at most this many outbox rows are kept for replay per channel (one
+    /// tenant's table, or its messages or flags), so no tenant can evict another's history.
+    #[arg(long, env = "CHANGEGATE_OUTBOX_MAX_ROWS_PER_CHANNEL", default_value_t = 100_000)]
+    outbox_max_rows_per_channel: u64,
     /// PostgreSQL engine: how often the outbox is pruned.
     #[arg(long, env = "CHANGEGATE_PRUNE_EVERY", default_value = "30s", value_parser = duration)]
     prune_every: Duration,
@@ -390,7 +391,7 @@ async fn serve(args: Serve, database_url: Option<String>) -> anyhow::Result<()> 
             }
             let config = PgConfig {
                 retention_age: args.retention_age,
-                retention_events: args.outbox_max_rows,
+                rows_per_channel: args.outbox_max_rows_per_channel,
                 prune_every: args.prune_every,
             };
             let engine = PgEngine::start(store, config, hub.clone(), closing.clone())

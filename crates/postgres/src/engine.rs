@@ -18,8 +18,8 @@ use crate::{PgError, channel};
 pub struct PgConfig {
     /// Outbox rows older than this are pruned.
     pub retention_age: Duration,
-    /// At most this many outbox rows are kept.
-    pub retention_events: u64,
+    /// At most this many outbox rows are kept per channel.
+    pub rows_per_channel: u64,
     /// How often retention runs.
     pub prune_every: Duration,
 }
@@ -225,7 +225,7 @@ async fn prune(store: Store, config: PgConfig, cancel: CancellationToken) {
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(config.prune_every) => {}
         }
-        match store.prune(config.retention_age, config.retention_events).await {
+        match store.prune(config.retention_age, config.rows_per_channel).await {
             Ok(0) => {}
             Ok(removed) => tracing::info!(removed, "pruned the outbox"),
             Err(error) => tracing::warn!(%error, "pruning the outbox failed; will retry"),

@@ -61,6 +61,9 @@ fn invalid_or(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> Pg
     }
 }
 
+/// Rows one retention statement deletes at most: short statements, short locks.
+pub const PRUNE_BATCH: i64 = 10_000;
+
 impl Store {
     /// A pool of at most `size` connections to `url` (no connection is made yet).
     pub fn connect(url: &str, size: usize) -> Result<Self, PgError> {
@@ -621,33 +624,77 @@ impl Store {
         Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
     }
 
-    /// Drops outbox rows older than `max_age` or beyond the newest `max_events`, recording per
-    /// channel how far it was pruned. Returns how many rows went.
-    pub async fn prune(&self, max_age: Duration, max_events: u64) -> Result<u64, PgError> {
-        let keep = i64::try_from(max_events).unwrap_or(i64::MAX);
-        let row = self
-            .client()
-            .await?
-            .query_one(
-                "with cutoff as (
-                     select coalesce((select seq from realtime.outbox where seq is not null
-                                      order by seq desc offset $2 limit 1), 0) as seq
-                 ), gone as (
-                     delete from realtime.outbox
-                     where seq is not null
-                       and (committed_at < now() - make_interval(secs => $1) or seq <= (select seq from cutoff))
-                     returning channel, seq
-                 ), marked as (
-                     insert into realtime.horizon (channel, pruned_through)
-                     select channel, max(seq) from gone group by channel
-                     on conflict (channel) do update
-                         set pruned_through = greatest(realtime.horizon.pruned_through, excluded.pruned_through)
-                 )
-                 select count(*) from gone",
-                &[&max_age.as_secs_f64(), &keep],
-            )
+    /// Applies retention: rows older than `max_age`, then the oldest rows of every channel
+    /// holding more than `max_per_channel`, in batches of [`PRUNE_BATCH`] (keyset deletes on the
+    /// channel and commit-time indexes, no `OFFSET`), recording per channel the highest position
+    /// removed (a client resuming from before it gets `reset`). Returns how many rows went.
+    pub async fn prune(&self, max_age: Duration, max_per_channel: u64) -> Result<u64, PgError> {
+        const GONE: &str = "marked as (
+                 insert into realtime.horizon (channel, pruned_through)
+                 select channel, max(seq) from gone group by channel
+                 on conflict (channel) do update
+                     set pruned_through = greatest(realtime.horizon.pruned_through, excluded.pruned_through)
+             ), counted as (
+                 update realtime.channel_rows c set rows = greatest(c.rows - g.n, 0)
+                 from (select channel, count(*) as n from gone group by channel) g
+                 where c.channel = g.channel
+             )
+             select count(*) from gone";
+        let client = self.client().await?;
+        let mut removed = 0;
+        loop {
+            let row = client
+                .query_one(
+                    &format!(
+                        "with gone as (
+                             delete from realtime.outbox where id in (
+                                 select id from realtime.outbox
+                                 where seq is not null and committed_at < now() - make_interval(secs => $1)
+                                 order by committed_at limit $2)
+                             returning channel, seq
+                         ), {GONE}"
+                    ),
+                    &[&max_age.as_secs_f64(), &PRUNE_BATCH],
+                )
+                .await
+                .map_err(PgError::query("pruning the outbox by age"))?;
+            let n: i64 = row.get(0);
+            removed += n;
+            if n < PRUNE_BATCH {
+                break;
+            }
+        }
+        let cap = i64::try_from(max_per_channel).unwrap_or(i64::MAX);
+        let over = client
+            .query("select channel, rows - $1 from realtime.channel_rows where rows > $1", &[&cap])
             .await
-            .map_err(PgError::query("pruning the outbox"))?;
-        Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+            .map_err(PgError::query("finding channels over their row cap"))?;
+        for row in over {
+            let (channel, mut excess): (String, i64) = (row.get(0), row.get(1));
+            while excess > 0 {
+                let row = client
+                    .query_one(
+                        &format!(
+                            "with gone as (
+                                 delete from realtime.outbox where id in (
+                                     select id from realtime.outbox
+                                     where channel = $1 and seq is not null
+                                     order by seq limit $2)
+                                 returning channel, seq
+                             ), {GONE}"
+                        ),
+                        &[&channel, &excess.min(PRUNE_BATCH)],
+                    )
+                    .await
+                    .map_err(PgError::query("pruning a channel over its row cap"))?;
+                let n: i64 = row.get(0);
+                removed += n;
+                if n == 0 {
+                    break;
+                }
+                excess -= n;
+            }
+        }
+        Ok(u64::try_from(removed).unwrap_or(0))
     }
 }
