@@ -1,4 +1,4 @@
--- Capture without a lock in the user's commit (issue #13, first step).
+-- Capture without a lock in the user's commit, and retention per channel (issue #13).
 --
 -- Before: every captured commit took a per-channel advisory lock held through its fsync,
 -- UPDATEd its own outbox rows and called pg_notify — and PostgreSQL serialises every commit
@@ -35,15 +35,32 @@ create or replace function realtime.enqueue(
     returning id
 $$;
 
+-- The sequencer's scan, in its order.
+create index if not exists outbox_pending_order on realtime.outbox (xid, id) where seq is null;
+drop index if exists realtime.outbox_pending;
+
+-- Retention per channel: a row cap per channel instead of one for the whole outbox, so one
+-- tenant writing flat out can no longer evict every other tenant's history (and send their
+-- resuming clients `reset`). Rows are counted per channel as they are numbered, so the prune
+-- finds the channels over their cap without counting or OFFSET-scanning the outbox.
+create table if not exists realtime.channel_rows (
+    channel text primary key,
+    rows    bigint not null
+);
+
+insert into realtime.channel_rows (channel, rows)
+select channel, count(*) from realtime.outbox where seq is not null group by channel
+on conflict (channel) do update set rows = excluded.rows;
+
 -- One pass of the sequencer: number up to `batch` rows of committed transactions (in
--- transaction-id, then insert order), stamp their commit time, NOTIFY each, and say how many.
--- Run by one session at a time (the gateway holding the sequencer lock).
+-- transaction-id, then insert order), stamp their commit time, NOTIFY each, count them per
+-- channel, and say how many. Run by one session at a time (the gateway holding the lock).
 create or replace function realtime.sequence_batch(batch integer) returns integer
     language plpgsql
     as $$
 declare
     r realtime.outbox;
-    n integer := 0;
+    numbered bigint[] := '{}';
 begin
     for r in
         select * from realtime.outbox
@@ -56,12 +73,31 @@ begin
         where id = r.id
         returning * into r;
         perform pg_notify(r.channel, realtime.payload(r));
-        n := n + 1;
+        numbered := numbered || r.id;
     end loop;
-    return n;
+    insert into realtime.channel_rows (channel, rows)
+    select channel, count(*) from realtime.outbox where id = any(numbered) group by channel
+    on conflict (channel) do update set rows = realtime.channel_rows.rows + excluded.rows;
+    return cardinality(numbered);
 end
 $$;
 
--- The sequencer's scan, in its order.
-create index if not exists outbox_pending_order on realtime.outbox (xid, id) where seq is null;
-drop index if exists realtime.outbox_pending;
+-- Published messages are numbered at once (their id is the answer); count them the same way.
+create or replace function realtime.publish(p_tenant text, p_topic text, p_data jsonb)
+    returns bigint
+    language plpgsql
+    as $$
+declare
+    ch text := realtime.channel('realtime.messages', p_tenant);
+    r realtime.outbox;
+begin
+    perform pg_advisory_xact_lock(hashtextextended(ch, 0));
+    insert into realtime.outbox (seq, channel, tenant, kind, topic, payload)
+    values (nextval('realtime.outbox_seq'), ch, p_tenant, 'message', p_topic, p_data)
+    returning * into r;
+    insert into realtime.channel_rows (channel, rows) values (ch, 1)
+    on conflict (channel) do update set rows = realtime.channel_rows.rows + 1;
+    perform pg_notify(ch, realtime.payload(r));
+    return r.seq;
+end
+$$;

@@ -629,36 +629,16 @@ impl Store {
     /// channel and commit-time indexes, no `OFFSET`), recording per channel the highest position
     /// removed (a client resuming from before it gets `reset`). Returns how many rows went.
     pub async fn prune(&self, max_age: Duration, max_per_channel: u64) -> Result<u64, PgError> {
-        const GONE: &str = "marked as (
-                 insert into realtime.horizon (channel, pruned_through)
-                 select channel, max(seq) from gone group by channel
-                 on conflict (channel) do update
-                     set pruned_through = greatest(realtime.horizon.pruned_through, excluded.pruned_through)
-             ), counted as (
-                 update realtime.channel_rows c set rows = greatest(c.rows - g.n, 0)
-                 from (select channel, count(*) as n from gone group by channel) g
-                 where c.channel = g.channel
-             )
-             select count(*) from gone";
         let client = self.client().await?;
         let mut removed = 0;
         loop {
-            let row = client
-                .query_one(
-                    &format!(
-                        "with gone as (
-                             delete from realtime.outbox where id in (
-                                 select id from realtime.outbox
-                                 where seq is not null and committed_at < now() - make_interval(secs => $1)
-                                 order by committed_at limit $2)
-                             returning channel, seq
-                         ), {GONE}"
-                    ),
-                    &[&max_age.as_secs_f64(), &PRUNE_BATCH],
-                )
-                .await
-                .map_err(PgError::query("pruning the outbox by age"))?;
-            let n: i64 = row.get(0);
+            let n = prune_batch(
+                &client,
+                "seq is not null and committed_at < now() - make_interval(secs => $1) order by committed_at",
+                &max_age.as_secs_f64(),
+                PRUNE_BATCH,
+            )
+            .await?;
             removed += n;
             if n < PRUNE_BATCH {
                 break;
@@ -672,22 +652,10 @@ impl Store {
         for row in over {
             let (channel, mut excess): (String, i64) = (row.get(0), row.get(1));
             while excess > 0 {
-                let row = client
-                    .query_one(
-                        &format!(
-                            "with gone as (
-                                 delete from realtime.outbox where id in (
-                                     select id from realtime.outbox
-                                     where channel = $1 and seq is not null
-                                     order by seq limit $2)
-                                 returning channel, seq
-                             ), {GONE}"
-                        ),
-                        &[&channel, &excess.min(PRUNE_BATCH)],
-                    )
-                    .await
-                    .map_err(PgError::query("pruning a channel over its row cap"))?;
-                let n: i64 = row.get(0);
+                let batch = excess.min(PRUNE_BATCH);
+                let n =
+                    prune_batch(&client, "channel = $1 and seq is not null order by seq", &channel, batch)
+                        .await?;
                 removed += n;
                 if n == 0 {
                     break;
@@ -697,4 +665,34 @@ impl Store {
         }
         Ok(u64::try_from(removed).unwrap_or(0))
     }
+}
+
+/// Deletes at most `limit` outbox rows chosen by `victims` (a `where … order by …` with one
+/// parameter, `$1`), recording per channel the highest position removed and lowering the
+/// channel's row count; returns how many went.
+async fn prune_batch(
+    client: &deadpool_postgres::Object,
+    victims: &str,
+    parameter: &(dyn tokio_postgres::types::ToSql + Sync),
+    limit: i64,
+) -> Result<i64, PgError> {
+    let sql = format!(
+        "with gone as (
+             delete from realtime.outbox where id in (select id from realtime.outbox where {victims} limit $2)
+             returning channel, seq
+         ), marked as (
+             insert into realtime.horizon (channel, pruned_through)
+             select channel, max(seq) from gone group by channel
+             on conflict (channel) do update
+                 set pruned_through = greatest(realtime.horizon.pruned_through, excluded.pruned_through)
+         ), counted as (
+             update realtime.channel_rows c set rows = greatest(c.rows - g.n, 0)
+             from (select channel, count(*) as n from gone group by channel) g
+             where c.channel = g.channel
+         )
+         select count(*) from gone"
+    );
+    let row =
+        client.query_one(&sql, &[parameter, &limit]).await.map_err(PgError::query("pruning the outbox"))?;
+    Ok(row.get(0))
 }
