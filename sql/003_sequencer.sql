@@ -60,7 +60,9 @@ create or replace function realtime.sequence_batch(batch integer) returns intege
     as $$
 declare
     r realtime.outbox;
-    numbered bigint[] := '{}';
+    -- The channel of every row numbered (counted from this array: re-reading the rows by id
+    -- cost a third of the writers' throughput).
+    channels text[] := '{}';
 begin
     for r in
         select * from realtime.outbox
@@ -73,12 +75,12 @@ begin
         where id = r.id
         returning * into r;
         perform pg_notify(r.channel, realtime.payload(r));
-        numbered := numbered || r.id;
+        channels := channels || r.channel;
     end loop;
     insert into realtime.channel_rows (channel, rows)
-    select channel, count(*) from realtime.outbox where id = any(numbered) group by channel
+    select c, count(*) from unnest(channels) as c group by c
     on conflict (channel) do update set rows = realtime.channel_rows.rows + excluded.rows;
-    return cardinality(numbered);
+    return cardinality(channels);
 end
 $$;
 
