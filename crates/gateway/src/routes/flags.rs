@@ -365,55 +365,49 @@ fn last_event_id(headers: &HeaderMap, ids: Ids) -> Result<Option<Resume>, ApiErr
         .map_err(|foreign| ApiError::bad_request("invalid_last_event_id", foreign.message()))
 }
 
+/// Opens a flag stream of the reader's environment(s) in one of the three dialects: the same
+/// auth, filter and resume for all, only the wire and heartbeat differ.
+async fn flag_stream(
+    app: &AppState,
+    headers: &HeaderMap,
+    raw: Option<&str>,
+    dialect: Dialect,
+) -> Result<Response, ApiError> {
+    let (principal, key, filter) = reader(app, headers, raw).await?;
+    let ids = if dialect == Dialect::FlagsC { Ids::EpochMillis } else { Ids::Positions };
+    let resume = last_event_id(headers, ids)?;
+    let (wire, heartbeat) = match (dialect, &resume) {
+        (Dialect::FlagsC, Some(Resume::From(Start::Since(at)))) => (Wire::flags_c(at.as_millis()), 2),
+        (Dialect::FlagsC, _) => (Wire::flags_c(0), 2),
+        (Dialect::FlagsB, _) => (Wire::new(dialect), 1),
+        _ => (Wire::new(dialect), 0),
+    };
+    open_stream(app, &principal, key, filter, resume, wire, app.limits.flags_heartbeat[heartbeat]).await
+}
+
+/// `GET /api/v1/stream` (dialect A).
 pub(crate) async fn stream_a(
     State(app): State<AppState>,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    let (principal, key, filter) = reader(&app, &headers, raw.as_deref()).await?;
-    let resume = last_event_id(&headers, Ids::Positions)?;
-    open_stream(
-        &app,
-        &principal,
-        key,
-        filter,
-        resume,
-        Wire::new(Dialect::FlagsA),
-        app.limits.flags_heartbeat[0],
-    )
-    .await
+    flag_stream(&app, &headers, raw.as_deref(), Dialect::FlagsA).await
 }
 
+/// `GET /stream` (dialect B).
 pub(crate) async fn stream_b(
     State(app): State<AppState>,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    let (principal, key, filter) = reader(&app, &headers, raw.as_deref()).await?;
-    let resume = last_event_id(&headers, Ids::Positions)?;
-    open_stream(
-        &app,
-        &principal,
-        key,
-        filter,
-        resume,
-        Wire::new(Dialect::FlagsB),
-        app.limits.flags_heartbeat[1],
-    )
-    .await
+    flag_stream(&app, &headers, raw.as_deref(), Dialect::FlagsB).await
 }
 
+/// `GET /api/v1/flags/events` (dialect C: ids are epoch milliseconds).
 pub(crate) async fn stream_c(
     State(app): State<AppState>,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    let (principal, key, filter) = reader(&app, &headers, raw.as_deref()).await?;
-    let resume = last_event_id(&headers, Ids::EpochMillis)?;
-    let since = match &resume {
-        Some(Resume::From(Start::Since(at))) => at.as_millis(),
-        _ => 0,
-    };
-    let wire = Wire::flags_c(since);
-    open_stream(&app, &principal, key, filter, resume, wire, app.limits.flags_heartbeat[2]).await
+    flag_stream(&app, &headers, raw.as_deref(), Dialect::FlagsC).await
 }
