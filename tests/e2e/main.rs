@@ -13,6 +13,7 @@ mod ofrep;
 mod operability;
 mod postgres_capture;
 mod postgres_delivery;
+mod postgres_replica;
 mod resume;
 mod sdks;
 mod shutdown;

@@ -811,3 +811,146 @@ pub fn schemathesis() -> Option<PathBuf> {
     skipped(&format!("no schemathesis at {}; `.ci/run` installs it in .venv", path.display()));
     None
 }
+
+/// A hot-standby replica of the test server, made for one test: `pg_basebackup -R` of the
+/// primary into a directory of its own, started on a free port (as the `postgres` user when
+/// the tests run as root), stopped and removed on drop. Needs a `host replication` line in
+/// the primary's `pg_hba.conf` (`.ci/run` adds it).
+pub struct Replica {
+    directory: PathBuf,
+    bin: PathBuf,
+    port: u16,
+}
+
+/// Runs a PostgreSQL tool, as the `postgres` user when we are root (the server refuses to run
+/// as root, and its files must be that user's).
+fn as_postgres(program: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    let mut command = if root {
+        let mut c = std::process::Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        std::process::Command::new(program)
+    };
+    command.args(args).stdin(Stdio::null()).output().expect("the PostgreSQL tools run")
+}
+
+/// The server binaries' directory (`PG_BINDIR`, or the newest under `/usr/lib/postgresql`).
+fn postgres_bindir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("PG_BINDIR") {
+        return Some(PathBuf::from(dir));
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path().join("bin"))))
+        .filter(|(_, bin)| bin.join("pg_ctl").exists())
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, bin)| bin)
+}
+
+impl Replica {
+    /// Makes and starts the replica, or returns `None` (after saying why) where it cannot be
+    /// made: no server binaries, or the primary refuses replication connections.
+    pub async fn start() -> Option<Self> {
+        let Some(bin) = postgres_bindir() else {
+            skipped("no PostgreSQL server binaries (pg_ctl) to run a replica with");
+            return None;
+        };
+        let port = std::net::TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
+        let directory =
+            std::env::temp_dir().join(format!("changegate-replica-{}-{port}", std::process::id()));
+        let primary =
+            std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+        let dir = directory.to_str().expect("a UTF-8 temp dir").to_owned();
+        let backup = tokio::task::spawn_blocking({
+            let (bin, dir) = (bin.clone(), dir.clone());
+            move || {
+                as_postgres(
+                    &bin.join("pg_basebackup"),
+                    &["-d", &primary, "-D", &dir, "-R", "-X", "stream", "--checkpoint=fast"],
+                )
+            }
+        })
+        .await
+        .expect("pg_basebackup ran");
+        if !backup.status.success() {
+            let _ = std::fs::remove_dir_all(&directory);
+            skipped(&format!(
+                "pg_basebackup failed (the primary's pg_hba.conf needs `host replication all 127.0.0.1/32 trust`; .ci/run adds it): {}",
+                String::from_utf8_lossy(&backup.stderr).trim()
+            ));
+            return None;
+        }
+        // Debian keeps the configuration outside the data directory: give the replica its own.
+        let config = format!(
+            "port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{dir}'\nhot_standby = on\nmax_connections = 100\nfsync = off\n"
+        );
+        for (file, text) in [
+            ("postgresql.conf", config.as_str()),
+            ("pg_hba.conf", "local all all trust\nhost all all 127.0.0.1/32 trust\n"),
+            ("pg_ident.conf", ""),
+        ] {
+            let path = directory.join(file);
+            std::fs::write(&path, text).expect("write the replica's configuration");
+            // Owned by whoever owns the data directory (the server reads them as that user).
+            let _ =
+                std::process::Command::new("chown").arg("--reference").arg(&directory).arg(&path).status();
+        }
+        let replica = Self { directory, bin, port };
+        let log = replica.directory.join("server.log");
+        let started = as_postgres(
+            &replica.bin.join("pg_ctl"),
+            &["-D", &dir, "-l", log.to_str().expect("UTF-8"), "-w", "-t", "60", "start"],
+        );
+        assert!(
+            started.status.success(),
+            "the replica started: {} {}",
+            String::from_utf8_lossy(&started.stderr),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        Some(replica)
+    }
+
+    /// The replica's URL for database `name`.
+    pub fn url(&self, name: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{name}", self.port)
+    }
+
+    /// Waits until database `db` has replicated with its changegate schema, and connects to it.
+    pub async fn database(&self, db: &TestDb) -> tokio_postgres::Client {
+        let url = self.url(&db.name);
+        eventually("the test database replicated to the replica", || {
+            let url = url.clone();
+            async move {
+                let (client, connection) =
+                    tokio_postgres::connect(&url, tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
+                tokio::spawn(connection);
+                client
+                    .query_one("select count(*) from realtime.migrations", &[])
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(client)
+            }
+        })
+        .await
+    }
+
+    /// Starts a gateway on the replica's copy of `db`.
+    pub async fn gateway(&self, db: &TestDb, args: &[&str]) -> Gateway {
+        Gateway::start_with_env(args, &[("DATABASE_URL", &self.url(&db.name))]).await
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let dir = self.directory.to_str().unwrap_or_default().to_owned();
+        let _ = as_postgres(&self.bin.join("pg_ctl"), &["-D", &dir, "-m", "immediate", "-w", "stop"]);
+        let _ = std::fs::remove_dir_all(&self.directory);
+    }
+}

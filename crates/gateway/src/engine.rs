@@ -62,7 +62,9 @@ impl From<PgError> for ApiError {
     fn from(error: PgError) -> Self {
         if let Some(message) = error.client_message() {
             let message = message.to_owned();
-            return if error.is_missing() {
+            return if error.is_read_only() {
+                ApiError::ReadOnly(message)
+            } else if error.is_missing() {
                 ApiError::Missing(message)
             } else {
                 ApiError::bad_request("invalid_request", message)
@@ -162,7 +164,11 @@ impl Engine {
             Self::Memory { .. } => Ok(()),
             Self::Postgres(engine) => {
                 if !engine.listening() {
-                    return Err("the PostgreSQL LISTEN connection is down".into());
+                    return Err(if engine.is_following() {
+                        "following the PostgreSQL replica is failing".into()
+                    } else {
+                        "the PostgreSQL LISTEN connection is down".into()
+                    });
                 }
                 engine.store().ping().await.map_err(|_| "PostgreSQL is unreachable".to_owned())
             }

@@ -76,6 +76,9 @@ pub enum ApiError {
     /// The gateway is shutting down or a dependency is down.
     #[error("{0}")]
     Unavailable(String),
+    /// A write reached a gateway that follows a read replica; the message names the primary.
+    #[error("{0}")]
+    ReadOnly(String),
     /// Something that should not happen did (corrupt stored data, say). The details went to the
     /// log under `id`; the client gets only the id, to quote when it reports the problem.
     #[error("an internal error occurred; it was logged as {id}")]
@@ -119,7 +122,7 @@ impl ApiError {
             Self::VersionMismatch(_) => StatusCode::PRECONDITION_FAILED,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable(_) | Self::ReadOnly(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -144,6 +147,7 @@ impl ApiError {
             Self::NotFound(_) => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::Unavailable(_) => "unavailable",
+            Self::ReadOnly(_) => "read_only_replica",
             Self::Internal { .. } => "internal",
         }
     }

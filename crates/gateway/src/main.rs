@@ -211,6 +211,10 @@ struct Serve {
     /// Apply migrations before serving (PostgreSQL engine).
     #[arg(long, env = "CHANGEGATE_MIGRATE")]
     migrate: bool,
+    /// PostgreSQL engine on a read replica: the URL of the primary's gateway, named in the 503
+    /// that refuses writes here (without it, the primary database's address is named).
+    #[arg(long, env = "CHANGEGATE_PRIMARY_URL")]
+    primary_url: Option<String>,
     /// PostgreSQL engine: connections in the query pool.
     #[arg(long, env = "CHANGEGATE_PG_POOL", default_value_t = 8)]
     pg_pool: usize,
@@ -387,12 +391,18 @@ async fn serve(args: Serve, database_url: Option<String>) -> anyhow::Result<()> 
             );
             let store = Store::connect(url, args.pg_pool)?;
             if args.migrate {
-                store.migrate().await.context("applying migrations")?;
+                // A replica takes its schema from the primary, by replication.
+                if store.is_replica().await.context("connecting to PostgreSQL")? {
+                    tracing::warn!("--migrate ignored: the database is a read replica (migrate the primary)");
+                } else {
+                    store.migrate().await.context("applying migrations")?;
+                }
             }
             let config = PgConfig {
                 retention_age: args.retention_age,
                 rows_per_channel: args.outbox_max_rows_per_channel,
                 prune_every: args.prune_every,
+                primary: args.primary_url.clone(),
             };
             let engine = PgEngine::start(store, config, hub.clone(), closing.clone())
                 .await

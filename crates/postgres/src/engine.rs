@@ -9,6 +9,7 @@ use changegate_core::{Epoch, FeedKey, Filter, Frame, Hub, Position, RawJson, Rep
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::follow::Follower;
 use crate::source::{Command, Listener};
 use crate::store::Store;
 use crate::{PgError, channel};
@@ -22,7 +23,14 @@ pub struct PgConfig {
     pub rows_per_channel: u64,
     /// How often retention runs.
     pub prune_every: Duration,
+    /// On a read replica: where writes go, for the refusal (`--primary-url`). Without it
+    /// the refusal names the primary database the replica streams from.
+    pub primary: Option<String>,
 }
+
+/// How long a replica's gateway waits for an id from the primary to replicate before it
+/// answers `reset` (an id that never arrives was never the primary's).
+const REPLICA_LAG_WAIT: Duration = Duration::from_secs(5);
 
 /// The running engine.
 pub struct PgEngine {
@@ -32,6 +40,8 @@ pub struct PgEngine {
     commands: mpsc::UnboundedSender<Command>,
     listening: watch::Receiver<bool>,
     revoked: broadcast::Sender<String>,
+    /// Attached to a read replica: follows the outbox instead of LISTENing (see `follow`).
+    following: bool,
 }
 
 impl std::fmt::Debug for PgEngine {
@@ -41,31 +51,65 @@ impl std::fmt::Debug for PgEngine {
 }
 
 impl PgEngine {
-    /// Starts the engine on a migrated database, delivering to `hub`: the LISTEN source and the
-    /// retention task run until `cancel` is cancelled.
+    /// Starts the engine on a migrated database, delivering to `hub`, until `cancel` is
+    /// cancelled. On a primary: the LISTEN source, the sequencer (leader or standby) and the
+    /// retention task. On a read replica (`pg_is_in_recovery()`): the follower alone — the
+    /// primary numbers and prunes, and every write is refused naming the primary.
     pub async fn start(
-        store: Store,
+        mut store: Store,
         config: PgConfig,
         hub: Hub,
         cancel: CancellationToken,
     ) -> Result<Self, PgError> {
         let epoch = store.epoch().await?;
+        let following = store.is_replica().await?;
         let (commands, command_receiver) = mpsc::unbounded_channel();
         let (ready, listening) = watch::channel(false);
         let (revoked, _) = broadcast::channel(256);
-        let listener = Listener::new(
-            store.clone(),
-            hub.clone(),
-            epoch,
-            command_receiver,
-            ready,
-            revoked.clone(),
-            cancel.clone(),
-        );
-        tokio::spawn(listener.run());
-        tokio::spawn(crate::sequencer::run(store.clone(), cancel.clone()));
-        tokio::spawn(prune(store.clone(), config, cancel));
-        Ok(Self { store, epoch, commands, listening, revoked })
+        if following {
+            let recorded = store.migrations().await?;
+            if let Some((version, name, _)) =
+                crate::migrate::MIGRATIONS.iter().find(|(v, _, _)| !recorded.contains(v))
+            {
+                return Err(PgError::unavailable(
+                    "the replica's schema is behind this gateway",
+                    format!(
+                        "migration {version} ({name}) has not run: run `changegate migrate` on the primary"
+                    ),
+                ));
+            }
+            let primary = match config.primary {
+                Some(primary) => primary,
+                None => match store.upstream().await? {
+                    Some(address) => format!("the primary database at {address}"),
+                    None => "the primary database".to_owned(),
+                },
+            };
+            tracing::info!(%primary, "the database is a read replica: following its outbox");
+            store = store.following(&primary);
+            let follower =
+                Follower::new(store.clone(), hub, epoch, command_receiver, ready, revoked.clone(), cancel);
+            tokio::spawn(follower.run());
+        } else {
+            let listener = Listener::new(
+                store.clone(),
+                hub,
+                epoch,
+                command_receiver,
+                ready,
+                revoked.clone(),
+                cancel.clone(),
+            );
+            tokio::spawn(listener.run());
+            tokio::spawn(crate::sequencer::run(store.clone(), cancel.clone()));
+            tokio::spawn(prune(store.clone(), config, cancel));
+        }
+        Ok(Self { store, epoch, commands, listening, revoked, following })
+    }
+
+    /// Whether this engine follows a read replica (and refuses writes).
+    pub fn is_following(&self) -> bool {
+        self.following
     }
 
     /// The store, for keys and administration.
@@ -73,7 +117,7 @@ impl PgEngine {
         &self.store
     }
 
-    /// Whether the LISTEN connection is up.
+    /// Whether the source is up: the LISTEN connection, or on a replica the follower's reads.
     pub fn listening(&self) -> bool {
         *self.listening.borrow()
     }
@@ -112,7 +156,7 @@ impl PgEngine {
                 if after.epoch() != self.epoch {
                     return Ok(Replay::Reset);
                 }
-                let (pruned_through, issued) = self.store.replay_bounds(&name).await?;
+                let (pruned_through, issued) = self.replay_bounds(&name, after.seq()).await?;
                 if after.seq() < pruned_through || after.seq() > issued {
                     return Ok(Replay::Reset);
                 }
@@ -128,6 +172,20 @@ impl PgEngine {
         let frames =
             events.into_iter().filter(|e| filter.matches(e)).map(|e| Arc::new(Frame::new(e))).collect();
         Ok(Replay::Page { frames, next })
+    }
+
+    /// The channel's replay bounds (see [`Store::replay_bounds`]). On a replica an id from the
+    /// primary may be ahead of what has replicated so far: wait, briefly, for the replica to
+    /// reach it rather than `reset` a client that only moved to a lagging replica.
+    async fn replay_bounds(&self, name: &str, after: u64) -> Result<(u64, u64), PgError> {
+        let deadline = tokio::time::Instant::now() + REPLICA_LAG_WAIT;
+        loop {
+            let bounds = self.store.replay_bounds(name).await?;
+            if !self.following || after <= bounds.1 || tokio::time::Instant::now() >= deadline {
+                return Ok(bounds);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Whether more than `cap` events of `key` follow `after`.

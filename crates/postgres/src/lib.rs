@@ -15,12 +15,15 @@
 //!   opens feeds through the LISTEN task, reads catch-ups in keyset pages;
 //! * [`sequencer`] — numbers committed outbox rows and sends their NOTIFYs, one session per
 //!   database, so writers' commits take no lock and send no NOTIFY;
+//! * `follow` — on a read replica, instead of LISTEN and the sequencer: reads each open
+//!   channel's new rows whenever the replica has replayed more WAL;
 //! * `source` — the LISTEN task (reconnects, replays what it missed while down); `event` — a
 //!   NOTIFY payload or outbox row to an event; `channel` — feed to channel name.
 
 mod channel;
 mod engine;
 mod event;
+mod follow;
 pub mod migrate;
 pub mod sequencer;
 mod source;
@@ -59,6 +62,8 @@ enum Kind {
     Missing,
     /// Data the database holds cannot be read (a malformed row, stored key or flag state).
     Corrupt,
+    /// A write reached a read replica (SQLSTATE 25006): it belongs on the primary.
+    ReadOnly,
 }
 
 fn detail(source: Option<&(dyn std::error::Error + Send + Sync + 'static)>) -> String {
@@ -87,7 +92,24 @@ impl PgError {
     /// A failed query, doing `context`.
     pub(crate) fn query(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> Self {
         let context = context.into();
-        move |source| Self { kind: Kind::Query, context, source: Some(Box::new(source)) }
+        move |source| {
+            // Whatever the write was, on a replica the answer is the same: not here.
+            if source.code() == Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION) {
+                return Self::read_only(None);
+            }
+            Self { kind: Kind::Query, context, source: Some(Box::new(source)) }
+        }
+    }
+
+    /// A write on a read replica; `primary` names where writes go, when known.
+    pub(crate) fn read_only(primary: Option<&str>) -> Self {
+        let whither = primary.map_or_else(String::new, |p| format!(" ({p})"));
+        Self::new(
+            Kind::ReadOnly,
+            format!(
+                "this gateway follows a read replica and cannot write: send writes to the primary{whither}"
+            ),
+        )
     }
 
     /// No connection, or a configuration that cannot give one.
@@ -128,15 +150,20 @@ impl PgError {
         self.kind == Kind::Corrupt
     }
 
+    /// Whether a write reached a read replica (send it to the primary; the message says where).
+    pub fn is_read_only(&self) -> bool {
+        self.kind == Kind::ReadOnly
+    }
+
     /// Whether PostgreSQL could not be reached or a query failed (worth a retry).
     pub fn is_unavailable(&self) -> bool {
         matches!(self.kind, Kind::Unavailable | Kind::Query)
     }
 
-    /// What a caller may be told: the message of a refused or missing request; `None` for
-    /// everything else, whose text is for the log.
+    /// What a caller may be told: the message of a refused, missing or read-only request;
+    /// `None` for everything else, whose text is for the log.
     pub fn client_message(&self) -> Option<&str> {
-        matches!(self.kind, Kind::Refused | Kind::Missing).then_some(self.context.as_str())
+        matches!(self.kind, Kind::Refused | Kind::Missing | Kind::ReadOnly).then_some(self.context.as_str())
     }
 
     /// The SQLSTATE of a failed query, if any.

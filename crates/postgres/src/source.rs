@@ -25,17 +25,33 @@ pub(crate) enum Command {
     Unlisten { key: FeedKey },
 }
 
-struct Listened {
-    key: FeedKey,
+/// One open channel of the source.
+pub(crate) struct Listened {
+    pub(crate) key: FeedKey,
     /// The last position dispatched on this channel (0: none yet).
-    last: u64,
+    pub(crate) last: u64,
     /// The channel's head when LISTEN took effect: a reconnect replays from here at least.
-    floor: u64,
+    pub(crate) floor: u64,
 }
 
 impl Listened {
-    fn resume_from(&self) -> u64 {
+    pub(crate) fn resume_from(&self) -> u64 {
         self.last.max(self.floor)
+    }
+
+    /// Hands `event` (read from this channel) to the hub, unless it is another tenant's or one
+    /// already dispatched (a reconnect's replay overlaps what LISTEN delivered).
+    pub(crate) fn dispatch(&mut self, hub: &Hub, name: &str, event: Event) {
+        if event.tenant != self.key.tenant {
+            tracing::error!(channel = name, "event of another tenant on a channel ignored");
+            return;
+        }
+        let seq = event.position.seq();
+        if seq <= self.last {
+            return;
+        }
+        self.last = seq;
+        hub.dispatch(&self.key, Arc::new(Frame::new(event)));
     }
 }
 
@@ -288,16 +304,8 @@ impl Listener {
     }
 
     fn dispatch(&mut self, name: &str, event: Event) {
-        let Some(listened) = self.channels.get_mut(name) else { return };
-        if event.tenant != listened.key.tenant {
-            tracing::error!(channel = name, "event of another tenant on a channel ignored");
-            return;
+        if let Some(listened) = self.channels.get_mut(name) {
+            listened.dispatch(&self.hub, name, event);
         }
-        let seq = event.position.seq();
-        if seq <= listened.last {
-            return;
-        }
-        listened.last = seq;
-        self.hub.dispatch(&listened.key, Arc::new(Frame::new(event)));
     }
 }

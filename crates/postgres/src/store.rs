@@ -39,6 +39,8 @@ pub struct KeyListing {
 pub struct Store {
     pool: Pool,
     config: tokio_postgres::Config,
+    /// Set when the database is a read replica: where writes go instead (for the refusal).
+    primary: Option<std::sync::Arc<str>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -82,7 +84,54 @@ impl Store {
             .create_timeout(Some(Duration::from_secs(5)))
             .build()
             .map_err(|e| PgError::unavailable("invalid DATABASE_URL", e))?;
-        Ok(Self { pool, config })
+        Ok(Self { pool, config, primary: None })
+    }
+
+    /// Whether the database is a hot standby (a read replica): `pg_is_in_recovery()`.
+    pub async fn is_replica(&self) -> Result<bool, PgError> {
+        let row = self
+            .client()
+            .await?
+            .query_one("select pg_is_in_recovery()", &[])
+            .await
+            .map_err(PgError::query("asking whether the database is a replica"))?;
+        Ok(row.get(0))
+    }
+
+    /// On a replica: the primary it streams from, as `host:port` (when the role may see it).
+    pub async fn upstream(&self) -> Result<Option<String>, PgError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt("select sender_host || ':' || sender_port from pg_stat_wal_receiver", &[])
+            .await
+            .map_err(PgError::query("reading the replica's upstream"))?;
+        Ok(row.and_then(|r| r.get(0)))
+    }
+
+    /// The migrations recorded in the database (a replica cannot apply its own).
+    pub async fn migrations(&self) -> Result<Vec<i32>, PgError> {
+        let rows = self
+            .client()
+            .await?
+            .query("select version from realtime.migrations order by version", &[])
+            .await
+            .map_err(PgError::query("reading realtime.migrations (has `changegate migrate` run?)"))?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// This store on a read replica: every write is refused up front, naming `primary`.
+    pub fn following(mut self, primary: &str) -> Self {
+        self.primary = Some(primary.into());
+        self
+    }
+
+    /// Refuses a write on a replica (before it reaches the database, to name the primary).
+    fn writable(&self) -> Result<(), PgError> {
+        match &self.primary {
+            Some(primary) => Err(PgError::read_only(Some(primary))),
+            None => Ok(()),
+        }
     }
 
     /// The connection settings (for the LISTEN connection).
@@ -151,6 +200,7 @@ impl Store {
 
     /// Creates a tenant.
     pub async fn create_tenant(&self, tenant: &TenantId) -> Result<(), PgError> {
+        self.writable()?;
         self.client()
             .await?
             .execute("insert into realtime.tenants (id) values ($1)", &[&tenant.as_str()])
@@ -161,6 +211,7 @@ impl Store {
 
     /// Creates an environment of a tenant.
     pub async fn create_environment(&self, tenant: &TenantId, name: &EnvironmentId) -> Result<(), PgError> {
+        self.writable()?;
         self.client()
             .await?
             .execute(
@@ -179,6 +230,7 @@ impl Store {
         environment: Option<&EnvironmentId>,
         scope: Scope,
     ) -> Result<(String, ApiKey), PgError> {
+        self.writable()?;
         let key = ApiKey::generate(scope);
         let hash = key.hash();
         let id = hash.id();
@@ -228,6 +280,7 @@ impl Store {
 
     /// Revokes a key and tells every instance, so its open streams close. `false` if no such key.
     pub async fn revoke_key(&self, id: &str) -> Result<bool, PgError> {
+        self.writable()?;
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(PgError::query("revoking a key"))?;
         let changed = tx
@@ -270,6 +323,7 @@ impl Store {
         id: &str,
         grace: Duration,
     ) -> Result<Option<(String, ApiKey, Timestamp)>, PgError> {
+        self.writable()?;
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(PgError::query("rotating a key"))?;
         let Some(old) = tx
@@ -357,6 +411,7 @@ impl Store {
         tenant: &TenantId,
         environment: &EnvironmentId,
     ) -> Result<bool, PgError> {
+        self.writable()?;
         let created = self
             .client()
             .await?
@@ -395,6 +450,7 @@ impl Store {
         environment: &EnvironmentId,
         apply: impl FnOnce(&Value, &str) -> Option<(Value, Vec<EventBody>)>,
     ) -> Result<(), PgError> {
+        self.writable()?;
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(PgError::query("writing flags"))?;
         let (t, e) = (tenant.as_str(), environment.as_str());
@@ -456,6 +512,7 @@ impl Store {
 
     /// `select realtime.enable(table, tenant_column)`.
     pub async fn enable_table(&self, table: &str, tenant_column: &str) -> Result<(), PgError> {
+        self.writable()?;
         self.client()
             .await?
             .execute("select realtime.enable($1::text::regclass, $2)", &[&table, &tenant_column])
@@ -466,6 +523,7 @@ impl Store {
 
     /// `select realtime.disable(table)`.
     pub async fn disable_table(&self, table: &str) -> Result<(), PgError> {
+        self.writable()?;
         self.client()
             .await?
             .execute("select realtime.disable($1::text::regclass)", &[&table])
@@ -494,6 +552,7 @@ impl Store {
 
     /// Publishes a message through the outbox; returns its sequence number.
     pub async fn publish(&self, tenant: &TenantId, topic: &Topic, data: &RawJson) -> Result<u64, PgError> {
+        self.writable()?;
         let row = self
             .client()
             .await?
@@ -596,6 +655,49 @@ impl Store {
             .await
             .map_err(PgError::query("measuring a catch-up"))?;
         Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(u64::MAX) > cap)
+    }
+
+    /// For a follower: the WAL position this replica has replayed through (it moves whenever
+    /// anything committed on the primary has become visible here).
+    pub async fn replayed_through(&self) -> Result<Option<String>, PgError> {
+        let row = self
+            .client()
+            .await?
+            .query_one("select pg_last_wal_replay_lsn()::text", &[])
+            .await
+            .map_err(PgError::query("reading the replica's replay position"))?;
+        Ok(row.get(0))
+    }
+
+    /// For a follower: up to `limit` events of each channel after its position, in one
+    /// query — `(channel, tenant, after)` triples in, `(channel, event)` in channel then
+    /// sequence order out. Per channel, not one global `seq > last`: a published message is
+    /// numbered in its own transaction and may become visible after a higher number.
+    pub async fn follow(
+        &self,
+        channels: &[&str],
+        tenants: &[&str],
+        after: &[i64],
+        limit: i64,
+        epoch: Epoch,
+    ) -> Result<Vec<(String, Event)>, PgError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "select c.channel, realtime.row_json(o)
+                 from unnest($1::text[], $2::text[], $3::bigint[]) as c(channel, tenant, last)
+                 cross join lateral (
+                     select * from realtime.outbox o
+                     where o.channel = c.channel and o.tenant = c.tenant and o.seq > c.last
+                     order by o.seq limit $4
+                 ) o
+                 order by c.channel, o.seq",
+                &[&channels, &tenants, &after, &limit],
+            )
+            .await
+            .map_err(PgError::query("following the outbox"))?;
+        rows.iter().map(|r| Ok((r.get::<_, String>(0), event::row(r.get(1), epoch)?))).collect()
     }
 
     /// One event by position (for changes too big for a NOTIFY payload).
