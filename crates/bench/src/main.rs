@@ -703,16 +703,17 @@ fn decode(iterations: u32) -> anyhow::Result<()> {
             }),
         ),
     ] {
-        // As `realtime.row_json` renders a captured change in its NOTIFY payload.
-        let payload = json!({
+        // As the sequencer's NOTIFY carries one captured change (a batch of one row).
+        let payload = json!([{
             "seq": 123_456, "tenant": "acme", "kind": "change", "collection": "public.todos", "topic": null,
             "op": "update", "document_id": "42", "payload": document, "at": 1_795_383_423_123_i64
-        })
+        }])
         .to_string();
         let mut bytes = 0;
         let started = std::time::Instant::now();
         for _ in 0..iterations {
             let event = changegate_postgres::decode_notification(&payload, epoch)?
+                .pop()
                 .ok_or_else(|| anyhow::anyhow!("the payload carries its event"))?;
             bytes += encode_realtime(&event).len();
         }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use changegate_core::source::{BoxFuture, CatchUp, Log, OpenFuture, Source, SourceError, Start, paged};
 use changegate_core::{Epoch, FeedKey, Filter, Frame, Hub, Position, RawJson, Replay, TenantId, Topic};
-use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::follow::Follower;
@@ -32,6 +32,9 @@ pub struct PgConfig {
 /// answers `reset` (an id that never arrives was never the primary's).
 const REPLICA_LAG_WAIT: Duration = Duration::from_secs(5);
 
+/// How long a publish waits for the sequencer to number its message.
+const PUBLISH_WAIT: Duration = Duration::from_secs(10);
+
 /// The running engine.
 pub struct PgEngine {
     store: Store,
@@ -42,6 +45,8 @@ pub struct PgEngine {
     revoked: broadcast::Sender<String>,
     /// Attached to a read replica: follows the outbox instead of LISTENing (see `follow`).
     following: bool,
+    /// Starts a sequencer pass at once, if this instance's sequencer leads.
+    wake: Arc<Notify>,
 }
 
 impl std::fmt::Debug for PgEngine {
@@ -66,6 +71,7 @@ impl PgEngine {
         let (commands, command_receiver) = mpsc::unbounded_channel();
         let (ready, listening) = watch::channel(false);
         let (revoked, _) = broadcast::channel(256);
+        let wake = Arc::new(Notify::new());
         if following {
             let recorded = store.migrations().await?;
             if let Some((version, name, _)) =
@@ -101,10 +107,10 @@ impl PgEngine {
                 cancel.clone(),
             );
             tokio::spawn(listener.run());
-            tokio::spawn(crate::sequencer::run(store.clone(), cancel.clone()));
+            tokio::spawn(crate::sequencer::run(store.clone(), cancel.clone(), wake.clone()));
             tokio::spawn(prune(store.clone(), config, cancel));
         }
-        Ok(Self { store, epoch, commands, listening, revoked, following })
+        Ok(Self { store, epoch, commands, listening, revoked, following, wake })
     }
 
     /// Whether this engine follows a read replica (and refuses writes).
@@ -127,15 +133,33 @@ impl PgEngine {
         self.revoked.subscribe()
     }
 
-    /// Publishes a message through the outbox: every instance delivers it.
+    /// Publishes a message through the outbox — queued and committed, then numbered and
+    /// NOTIFYed by the sequencer like any change — and returns its position once numbered
+    /// (within a pass or two: this instance's sequencer, if it leads, is woken for it).
     pub async fn publish(
         &self,
         tenant: &TenantId,
         topic: &Topic,
         data: &RawJson,
     ) -> Result<Position, PgError> {
-        let seq = self.store.publish(tenant, topic, data).await?;
-        Ok(Position::new(self.epoch, seq))
+        let id = self.store.publish(tenant, topic, data).await?;
+        self.wake.notify_one();
+        let deadline = tokio::time::Instant::now() + PUBLISH_WAIT;
+        let mut wait = Duration::from_micros(500);
+        loop {
+            if let Some(seq) = self.store.numbered(id).await? {
+                return Ok(Position::new(self.epoch, seq));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                // Committed, so it will be delivered; only its id could not be told.
+                return Err(PgError::unavailable(
+                    format!("publishing for tenant {tenant}"),
+                    "the message was queued but not numbered in time (is a sequencer running?)",
+                ));
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_millis(8));
+        }
     }
 
     /// One page of `key`'s committed events from `start` that match `filter`, reading at

@@ -10,15 +10,12 @@ use serde_json::Value;
 
 use crate::PgError;
 
-/// An outbox row as `realtime.row_json` renders it, or — in a NOTIFY payload too big to carry
-/// the row — only its `seq`, `tenant` and `"ref": true`. Read in one pass; the payload stays
-/// the JSON text it was ([`RawJson`]).
+/// An outbox row as `realtime.row_json` renders it. Read in one pass; the payload stays the
+/// JSON text it was ([`RawJson`]).
 #[derive(Deserialize)]
 struct Row {
     seq: i64,
     tenant: String,
-    #[serde(rename = "ref", default)]
-    by_reference: bool,
     #[serde(default)]
     kind: String,
     collection: Option<String>,
@@ -31,38 +28,70 @@ struct Row {
     at: i64,
 }
 
+/// A NOTIFY payload that names its rows instead of carrying them (too big for NOTIFY):
+/// `{"tenant","ref":true,"from","through"}`, or from a sequencer before migration 4 one row,
+/// `{"seq","tenant","ref":true}`.
+#[derive(Deserialize)]
+struct Reference {
+    tenant: String,
+    seq: Option<i64>,
+    from: Option<i64>,
+    through: Option<i64>,
+}
+
 /// What a NOTIFY carried.
 #[derive(Debug)]
 pub(crate) enum Notified {
-    /// The whole event.
-    Event(Event),
-    /// Too big for NOTIFY: read outbox row `seq` (of `tenant`).
-    Reference {
-        /// Its position.
-        seq: i64,
-        /// Whose it is.
+    /// One channel's events of a sequencer pass, in order.
+    Events(Vec<Event>),
+    /// Too big for NOTIFY: read the channel's rows `from..=through` (of `tenant`).
+    Range {
+        /// The first position.
+        from: i64,
+        /// The last position.
+        through: i64,
+        /// Whose they are.
         tenant: String,
     },
 }
 
-/// One NOTIFY payload as the LISTEN task reads it: the event it carries, or `None` when it only
-/// names its outbox row (too big for NOTIFY; the task reads the row). Public for the benchmark
+/// One NOTIFY payload as the LISTEN task reads it: the events it carries, or none when it
+/// only names its rows (too big for NOTIFY; the task reads them). Public for the benchmark
 /// of this per-event path (`changegate-bench decode`).
-pub fn decode_notification(payload: &str, epoch: Epoch) -> Result<Option<Event>, PgError> {
+pub fn decode_notification(payload: &str, epoch: Epoch) -> Result<Vec<Event>, PgError> {
     Ok(match notification(payload, epoch)? {
-        Notified::Event(event) => Some(event),
-        Notified::Reference { .. } => None,
+        Notified::Events(events) => events,
+        Notified::Range { .. } => Vec::new(),
     })
 }
 
-/// Parses a NOTIFY payload.
+/// Parses a NOTIFY payload: a JSON array of rows (a sequencer pass, one channel), a
+/// reference, or one row (a sequencer before migration 4, during an upgrade).
 pub(crate) fn notification(payload: &str, epoch: Epoch) -> Result<Notified, PgError> {
-    let row: Row = serde_json::from_str(payload)
-        .map_err(|e| PgError::corrupt(format!("a notification is not an outbox row: {e}")))?;
-    if row.by_reference {
-        return Ok(Notified::Reference { seq: row.seq, tenant: row.tenant });
+    let unreadable = |e: serde_json::Error| PgError::corrupt(format!("an unreadable notification: {e}"));
+    if payload.starts_with('[') {
+        let rows: Vec<Row> = serde_json::from_str(payload).map_err(unreadable)?;
+        // A row the gateway cannot deliver (say a topic `realtime.publish()` was given from SQL
+        // that is not a valid topic) is logged and skipped; the rest of the batch goes on.
+        let events = rows
+            .into_iter()
+            .filter_map(|r| {
+                event(r, epoch).inspect_err(|error| tracing::error!(%error, "outbox row skipped")).ok()
+            })
+            .collect();
+        return Ok(Notified::Events(events));
     }
-    event(row, epoch).map(Notified::Event)
+    if payload.contains(r#""ref""#) {
+        let reference: Reference = serde_json::from_str(payload).map_err(unreadable)?;
+        let (from, through) = match (reference.from, reference.through, reference.seq) {
+            (Some(from), Some(through), _) if from <= through => (from, through),
+            (None, None, Some(seq)) => (seq, seq),
+            _ => return Err(PgError::corrupt("a notification's reference names no rows")),
+        };
+        return Ok(Notified::Range { from, through, tenant: reference.tenant });
+    }
+    let row: Row = serde_json::from_str(payload).map_err(unreadable)?;
+    event(row, epoch).map(|e| Notified::Events(vec![e]))
 }
 
 /// Parses one `realtime.row_json` text.
@@ -171,9 +200,30 @@ mod tests {
     }
 
     #[test]
-    fn a_reference_notification_names_the_row_to_fetch() {
+    fn a_reference_notification_names_the_rows_to_read() {
+        let parsed = notification(r#"{"tenant":"acme","ref":true,"from":9,"through":12}"#, Epoch(1)).unwrap();
+        assert!(matches!(parsed, Notified::Range { from: 9, through: 12, ref tenant } if tenant == "acme"));
+        // A sequencer before the upgrade named one row.
         let parsed = notification(r#"{"seq":9,"tenant":"acme","ref":true}"#, Epoch(1)).unwrap();
-        assert!(matches!(parsed, Notified::Reference { seq: 9, ref tenant } if tenant == "acme"));
+        assert!(matches!(parsed, Notified::Range { from: 9, through: 9, .. }));
+        for bad in [r#"{"tenant":"acme","ref":true}"#, r#"{"tenant":"acme","ref":true,"from":9,"through":2}"#]
+        {
+            assert!(notification(bad, Epoch(1)).is_err_and(|e| e.is_corrupt()), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_batch_notification_carries_its_rows_in_order() {
+        let payload = r#"[{"seq":4,"tenant":"acme","kind":"message","topic":"a","payload":{"n":1},"at":0},
+                          {"seq":6,"tenant":"acme","kind":"message","topic":"b","payload":{"n":2},"at":0}]"#;
+        let Notified::Events(events) = notification(payload, Epoch(1)).unwrap() else { panic!("events") };
+        let seqs: Vec<u64> = events.iter().map(|e| e.position.seq()).collect();
+        assert_eq!(seqs, [4, 6]);
+        // A malformed row is skipped, not the whole batch.
+        let one_bad = r#"[{"seq":4,"tenant":"a b","kind":"message","topic":"a","at":0},{"seq":5,"tenant":"acme","kind":"message","topic":"a","at":0}]"#;
+        let Notified::Events(events) = notification(one_bad, Epoch(1)).unwrap() else { panic!("events") };
+        assert_eq!(events.iter().map(|e| e.position.seq()).collect::<Vec<_>>(), [5]);
+        assert!(notification("[nope]", Epoch(1)).is_err_and(|e| e.is_corrupt()));
     }
 
     #[test]

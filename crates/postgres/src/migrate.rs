@@ -10,6 +10,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "realtime", include_str!("../../../sql/001_realtime.sql")),
     (2, "flags", include_str!("../../../sql/002_flags.sql")),
     (3, "sequencer", include_str!("../../../sql/003_sequencer.sql")),
+    (4, "queue", include_str!("../../../sql/004_queue.sql")),
 ];
 
 /// Applies the migrations that have not run yet; returns the versions applied now.

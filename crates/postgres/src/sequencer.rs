@@ -8,9 +8,11 @@
 //! session in the database numbers: whichever gateway holds [`LOCK`] as a session advisory lock.
 //! The others wait as standbys and take over within [`STANDBY_RETRY`] of its connection ending.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use changegate_core::backoff::Backoff;
+use tokio::sync::Notify;
 use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
@@ -33,13 +35,14 @@ const BUSY_POLL: Duration = Duration::from_millis(1);
 /// The longest wait between two passes when nothing is pending.
 const IDLE_POLL: Duration = Duration::from_millis(8);
 
-/// Runs until `cancel`: become the sequencer (or wait as a standby), then number rows.
-pub(crate) async fn run(store: Store, cancel: CancellationToken) {
+/// Runs until `cancel`: become the sequencer (or wait as a standby), then number rows. `wake`
+/// starts a pass at once (a publish on this instance is waiting for its number).
+pub(crate) async fn run(store: Store, cancel: CancellationToken, wake: Arc<Notify>) {
     let mut backoff = Backoff::default();
     loop {
         let ended = tokio::select! {
             () = cancel.cancelled() => return,
-            ended = session(&store, &cancel) => ended,
+            ended = session(&store, &cancel, &wake) => ended,
         };
         match ended {
             Ok(()) => return,
@@ -56,7 +59,11 @@ pub(crate) async fn run(store: Store, cancel: CancellationToken) {
 }
 
 /// One connection's life: standby until the lock is ours, then passes until cancelled.
-async fn session(store: &Store, cancel: &CancellationToken) -> Result<(), tokio_postgres::Error> {
+async fn session(
+    store: &Store,
+    cancel: &CancellationToken,
+    wake: &Notify,
+) -> Result<(), tokio_postgres::Error> {
     let mut config = store.config().clone();
     config.application_name("changegate-sequencer");
     let (client, connection) = config.connect(NoTls).await?;
@@ -87,6 +94,7 @@ async fn session(store: &Store, cancel: &CancellationToken) -> Result<(), tokio_
             tokio::select! {
                 () = cancel.cancelled() => return Ok(()),
                 () = tokio::time::sleep(wait) => {}
+                () = wake.notified() => wait = BUSY_POLL,
             }
         }
     }

@@ -279,27 +279,41 @@ impl Listener {
             return Ok(());
         }
         let Some(listened) = self.channels.get(note.channel()) else { return Ok(()) };
-        let event = match event::notification(note.payload(), self.epoch) {
-            Ok(Notified::Event(event)) => event,
-            Ok(Notified::Reference { seq, tenant }) => {
-                if tenant != listened.key.tenant.as_str() {
-                    tracing::error!(channel = note.channel(), "notification for another tenant ignored");
-                    return Ok(());
-                }
-                // A fetch failure must not lose the event: end the session, and the reconnect
-                // replays from the last delivered position, which is before this one.
-                match self.store.fetch(seq, &tenant, self.epoch).await? {
-                    Some(event) => event,
-                    None => return Ok(()),
-                }
-            }
-            Err(error) => {
-                tracing::error!(%error, "unreadable notification ignored");
-                return Ok(());
-            }
-        };
         let name = note.channel().to_owned();
-        self.dispatch(&name, event);
+        match event::notification(note.payload(), self.epoch) {
+            Ok(Notified::Events(events)) => {
+                for event in events {
+                    self.dispatch(&name, event);
+                }
+            }
+            Ok(Notified::Range { from, through, tenant }) => {
+                let tenant = match changegate_core::TenantId::parse(&tenant) {
+                    Ok(tenant) if tenant == listened.key.tenant => tenant,
+                    _ => {
+                        tracing::error!(channel = name, "notification for another tenant ignored");
+                        return Ok(());
+                    }
+                };
+                // One keyset read per page of the range. A failure must not lose the events:
+                // it ends the session, and the reconnect replays from the last delivered
+                // position, which is before them.
+                let mut after = u64::try_from(from - 1).unwrap_or(0);
+                let through = u64::try_from(through).unwrap_or(0);
+                while after < through {
+                    let events =
+                        self.store.replay(&name, &tenant, after, changegate_core::PAGE, self.epoch).await?;
+                    let full = events.len() == changegate_core::PAGE;
+                    for event in events.into_iter().take_while(|e| e.position.seq() <= through) {
+                        after = event.position.seq();
+                        self.dispatch(&name, event);
+                    }
+                    if !full {
+                        break;
+                    }
+                }
+            }
+            Err(error) => tracing::error!(%error, "unreadable notification ignored"),
+        }
         Ok(())
     }
 

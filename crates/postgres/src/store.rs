@@ -550,8 +550,9 @@ impl Store {
         }
     }
 
-    /// Publishes a message through the outbox; returns its sequence number.
-    pub async fn publish(&self, tenant: &TenantId, topic: &Topic, data: &RawJson) -> Result<u64, PgError> {
+    /// Queues a message in the outbox (committed at once); returns its row id. The sequencer
+    /// numbers it like any change: see [`Store::numbered`].
+    pub async fn publish(&self, tenant: &TenantId, topic: &Topic, data: &RawJson) -> Result<i64, PgError> {
         self.writable()?;
         let row = self
             .client()
@@ -562,7 +563,18 @@ impl Store {
             )
             .await
             .map_err(PgError::query(format!("publishing for tenant {tenant}")))?;
-        Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+        Ok(row.get(0))
+    }
+
+    /// The sequence number of outbox row `id`, once the sequencer has given it one.
+    pub async fn numbered(&self, id: i64) -> Result<Option<u64>, PgError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt("select seq from realtime.outbox where id = $1", &[&id])
+            .await
+            .map_err(PgError::query("reading a message's position"))?;
+        Ok(row.map(|r| u64::try_from(r.get::<_, i64>(0)).unwrap_or(0)))
     }
 
     /// `(pruned_through of the channel, last sequence number issued)`: whether a position can
@@ -698,20 +710,6 @@ impl Store {
             .await
             .map_err(PgError::query("following the outbox"))?;
         rows.iter().map(|r| Ok((r.get::<_, String>(0), event::row(r.get(1), epoch)?))).collect()
-    }
-
-    /// One event by position (for changes too big for a NOTIFY payload).
-    pub async fn fetch(&self, seq: i64, tenant: &str, epoch: Epoch) -> Result<Option<Event>, PgError> {
-        let row = self
-            .client()
-            .await?
-            .query_opt(
-                "select realtime.row_json(o) from realtime.outbox o where seq = $1 and tenant = $2",
-                &[&seq, &tenant],
-            )
-            .await
-            .map_err(PgError::query("fetching a large change"))?;
-        row.map(|r| event::row(r.get(0), epoch)).transpose()
     }
 
     /// The newest committed position of `channel`: where a client continues after a reset.
