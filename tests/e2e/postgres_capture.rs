@@ -122,12 +122,8 @@ async fn truncate_sends_a_reset_to_the_tables_subscribers() {
     db.client.batch_execute("insert into todos (tenant_id, title) values ('acme', 'a')").await.unwrap();
     // The insert is numbered (and so in the past) before the subscriber arrives.
     changegate_e2e::eventually("the insert is sequenced", || async {
-        let pending: i64 = db
-            .client
-            .query_one("select count(*) from realtime.queue", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let pending: i64 =
+            db.client.query_one("select count(*) from realtime.queue", &[]).await.unwrap().get(0);
         if pending == 0 { Ok(()) } else { Err(format!("{pending} rows pending")) }
     })
     .await;

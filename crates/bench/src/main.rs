@@ -559,6 +559,17 @@ async fn postgres(
             committed += u64::from(ok.unwrap_or(false));
         }
         let write_s = started.elapsed().as_secs_f64();
+        // Past saturation the queue grows: let the sequencer drain it (at most 30 s), so
+        // `delivered` counts what arrives, late or not, and the latencies show how late.
+        let drain = tokio::time::Instant::now() + Duration::from_secs(30);
+        while tokio::time::Instant::now() < drain {
+            let queued: i64 =
+                writers_pool[0].query_one("select count(*) from realtime.queue", &[]).await?.get(0);
+            if queued == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         tokio::time::sleep(Duration::from_millis(500)).await;
         let _ = stop_tx.send(true);
         let seen = collect(handles).await;

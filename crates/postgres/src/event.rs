@@ -44,10 +44,9 @@ struct Reference {
 pub(crate) enum Notified {
     /// One channel's events of a sequencer pass, in order.
     Events(Vec<Event>),
-    /// Too big for NOTIFY: read the channel's rows `from..=through` (of `tenant`).
+    /// Too big for NOTIFY: read the channel's rows up to `through` (of `tenant`); the
+    /// reader goes on from the last one it has.
     Range {
-        /// The first position.
-        from: i64,
         /// The last position.
         through: i64,
         /// Whose they are.
@@ -83,12 +82,12 @@ pub(crate) fn notification(payload: &str, epoch: Epoch) -> Result<Notified, PgEr
     }
     if payload.contains(r#""ref""#) {
         let reference: Reference = serde_json::from_str(payload).map_err(unreadable)?;
-        let (from, through) = match (reference.from, reference.through, reference.seq) {
-            (Some(from), Some(through), _) if from <= through => (from, through),
-            (None, None, Some(seq)) => (seq, seq),
+        let through = match (reference.from, reference.through, reference.seq) {
+            (Some(from), Some(through), _) if from <= through => through,
+            (None, None, Some(seq)) => seq,
             _ => return Err(PgError::corrupt("a notification's reference names no rows")),
         };
-        return Ok(Notified::Range { from, through, tenant: reference.tenant });
+        return Ok(Notified::Range { through, tenant: reference.tenant });
     }
     let row: Row = serde_json::from_str(payload).map_err(unreadable)?;
     event(row, epoch).map(|e| Notified::Events(vec![e]))
@@ -202,10 +201,10 @@ mod tests {
     #[test]
     fn a_reference_notification_names_the_rows_to_read() {
         let parsed = notification(r#"{"tenant":"acme","ref":true,"from":9,"through":12}"#, Epoch(1)).unwrap();
-        assert!(matches!(parsed, Notified::Range { from: 9, through: 12, ref tenant } if tenant == "acme"));
+        assert!(matches!(parsed, Notified::Range { through: 12, ref tenant } if tenant == "acme"));
         // A sequencer before the upgrade named one row.
         let parsed = notification(r#"{"seq":9,"tenant":"acme","ref":true}"#, Epoch(1)).unwrap();
-        assert!(matches!(parsed, Notified::Range { from: 9, through: 9, .. }));
+        assert!(matches!(parsed, Notified::Range { through: 9, .. }));
         for bad in [r#"{"tenant":"acme","ref":true}"#, r#"{"tenant":"acme","ref":true,"from":9,"through":2}"#]
         {
             assert!(notification(bad, Epoch(1)).is_err_and(|e| e.is_corrupt()), "{bad}");
