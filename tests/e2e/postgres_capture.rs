@@ -89,23 +89,12 @@ async fn the_trigger_notifies_the_documented_channel_name() {
     // The NOTIFY is sent after the commit by the sequencer, which a running gateway provides.
     let _gw = db.gateway(&[]).await;
     // A plain PostgreSQL client LISTENing on flc_rt_<md5('public.todos:acme')> sees the change.
-    let (listener, mut connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await.unwrap();
-    let (sender, mut received) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-        while let Some(Ok(message)) = futures_util::StreamExt::next(&mut messages).await {
-            if let tokio_postgres::AsyncMessage::Notification(n) = message {
-                let _ = sender.send((n.channel().to_owned(), n.payload().to_owned()));
-            }
-        }
-    });
     let channel: String =
         db.client.query_one("select 'flc_rt_' || md5('public.todos:acme')", &[]).await.unwrap().get(0);
-    listener.batch_execute(&format!("LISTEN {channel}")).await.unwrap();
+    assert_eq!(channel, "flc_rt_9211f24eaed6c31d96b822af39171124", "the README's example");
+    let (_listening, mut received) = changegate_e2e::notifications(&db.url, &channel).await;
     db.client.batch_execute("insert into todos (tenant_id, title) values ('acme', 'hi')").await.unwrap();
-    let (name, payload) =
-        tokio::time::timeout(Duration::from_secs(5), received.recv()).await.unwrap().unwrap();
-    assert_eq!(name, channel);
+    let payload = tokio::time::timeout(Duration::from_secs(5), received.recv()).await.unwrap().unwrap();
     // One NOTIFY per channel per sequencer pass: the pass's rows of this channel, in order.
     let payload: Value = serde_json::from_str(&payload).unwrap();
     let rows = payload.as_array().unwrap_or_else(|| panic!("a batch of rows: {payload}"));
@@ -299,19 +288,9 @@ async fn a_large_transaction_is_one_notify_per_channel_and_every_row_is_delivere
     let gw = db.gateway(&[]).await;
     let mut acme = gw.sse(&collection_path("todos", &keys[0]), &[]).await;
     let mut beta = gw.sse(&collection_path("todos", &keys[1]), &[]).await;
-    let (listener, mut connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await.unwrap();
-    let (sender, mut received) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-        while let Some(Ok(message)) = futures_util::StreamExt::next(&mut messages).await {
-            if let tokio_postgres::AsyncMessage::Notification(n) = message {
-                let _ = sender.send(n.payload().to_owned());
-            }
-        }
-    });
     let channel: String =
         db.client.query_one("select 'flc_rt_' || md5('public.todos:acme')", &[]).await.unwrap().get(0);
-    listener.batch_execute(&format!("LISTEN {channel}")).await.unwrap();
+    let (_listening, mut received) = changegate_e2e::notifications(&db.url, &channel).await;
     db.client
         .batch_execute(
             "begin;

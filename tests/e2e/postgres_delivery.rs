@@ -5,18 +5,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use changegate_e2e::{Sse, TestDb, collection_path, eventually, rss_bytes, seq};
+use changegate_e2e::{TestDb, collection_path, eventually, rss_bytes, seq, titles};
 use serde_json::json;
-
-async fn titles(sse: &mut Sse, n: usize) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    for _ in 0..n {
-        let event = sse.next_event().await;
-        let title = event.json()["document"]["title"].as_str().unwrap_or_default().to_owned();
-        out.push((event.id().unwrap().to_owned(), title));
-    }
-    out
-}
 
 /// T1 inserts before T2, but T2 commits first. The client sees T2's commit, disconnects, and
 /// T1 commits while it is away: on resume it must receive T1 — which a replay of

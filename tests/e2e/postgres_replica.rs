@@ -4,18 +4,8 @@
 
 use std::time::Duration;
 
-use changegate_e2e::{Replica, TestDb, collection_path, eventually};
+use changegate_e2e::{Replica, TestDb, collection_path, eventually, titles};
 use serde_json::json;
-
-async fn ids_and_titles(sse: &mut changegate_e2e::Sse, n: usize) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    for _ in 0..n {
-        let event = sse.next_event().await;
-        let title = event.json()["document"]["title"].as_str().unwrap_or_default().to_owned();
-        out.push((event.id().unwrap().to_owned(), title));
-    }
-    out
-}
 
 #[tokio::test]
 async fn a_client_moves_from_the_primarys_gateway_to_a_replicas_with_its_last_event_id_and_loses_nothing() {
@@ -39,7 +29,7 @@ async fn a_client_moves_from_the_primarys_gateway_to_a_replicas_with_its_last_ev
             .await
             .unwrap();
     }
-    let seen = ids_and_titles(&mut moving, 3).await;
+    let seen = titles(&mut moving, 3).await;
     drop(moving);
     // Written while the client is between gateways; t8 in one transaction of two rows.
     for n in 4..=7 {
@@ -54,15 +44,15 @@ async fn a_client_moves_from_the_primarys_gateway_to_a_replicas_with_its_last_ev
         )
         .await
         .unwrap();
-    let all = ids_and_titles(&mut reference, 9).await;
+    let all = titles(&mut reference, 9).await;
     assert_eq!(seen, all[..3]);
 
     let mut moved = replica_gw.sse(&todos, &[("last-event-id", &seen[2].0)]).await;
-    assert_eq!(ids_and_titles(&mut moved, 6).await, all[3..], "the replica resumes exactly after t3");
+    assert_eq!(titles(&mut moved, 6).await, all[3..], "the replica resumes exactly after t3");
     // Live, after the move: the same ids as on the primary.
     db.client.execute("update todos set title = 't10' where title = 't1'", &[]).await.unwrap();
-    let live = ids_and_titles(&mut reference, 1).await;
-    assert_eq!(ids_and_titles(&mut moved, 1).await, live);
+    let live = titles(&mut reference, 1).await;
+    assert_eq!(titles(&mut moved, 1).await, live);
     moved.assert_quiet(Duration::from_millis(300)).await;
     beta_on_replica.assert_quiet(Duration::from_millis(100)).await;
     drop(moved);
@@ -77,7 +67,7 @@ async fn a_client_moves_from_the_primarys_gateway_to_a_replicas_with_its_last_ev
         )
         .await
         .unwrap();
-    let ahead = ids_and_titles(&mut reference, 40).await;
+    let ahead = titles(&mut reference, 40).await;
     let resume = tokio::spawn({
         let replica_db_url = replica.url(&db.name);
         async move {
@@ -89,7 +79,7 @@ async fn a_client_moves_from_the_primarys_gateway_to_a_replicas_with_its_last_ev
         }
     });
     let mut lagging = replica_gw.sse(&todos, &[("last-event-id", &ahead[37].0)]).await;
-    assert_eq!(ids_and_titles(&mut lagging, 2).await, ahead[38..], "t49 and t50, once replicated");
+    assert_eq!(titles(&mut lagging, 2).await, ahead[38..], "t49 and t50, once replicated");
     lagging.assert_quiet(Duration::from_millis(300)).await;
     resume.await.unwrap();
 

@@ -734,6 +734,40 @@ impl Drop for MockMongo {
     }
 }
 
+/// The next `n` events of a stream of `todos` changes: `(id, document title)` each.
+pub async fn titles(sse: &mut Sse, n: usize) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let event = sse.next_event().await;
+        let title = event.json()["document"]["title"].as_str().unwrap_or_default().to_owned();
+        out.push((event.id().expect("an event has an id").to_owned(), title));
+    }
+    out
+}
+
+/// A plain PostgreSQL client LISTENing on `channel` of database `url`, as any user could, and
+/// the payloads of the NOTIFYs it receives, in order (for as long as the client is kept).
+pub async fn notifications(
+    url: &str,
+    channel: &str,
+) -> (tokio_postgres::Client, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    let (listener, mut connection) =
+        tokio_postgres::connect(url, tokio_postgres::NoTls).await.expect("PostgreSQL is reachable");
+    let (sender, received) = tokio::sync::mpsc::unbounded_channel();
+    let quoted = format!("LISTEN \"{}\"", channel.replace('"', "\"\""));
+    // LISTEN is answered on the connection, so drive it first.
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = message {
+                let _ = sender.send(n.payload().to_owned());
+            }
+        }
+    });
+    listener.batch_execute(&quoted).await.expect("LISTEN");
+    (listener, received)
+}
+
 /// Polls `probe` until it answers `Ok`, for at most [`PATIENCE`]; then fails the test with its
 /// last `Err`. For conditions that become true asynchronously (a counter, a log line): a
 /// sleep-then-assert would be flaky on a loaded machine, and slow on an idle one.
