@@ -150,10 +150,35 @@ async fn a_replicas_gateway_refuses_writes_naming_the_primary_and_closes_revoked
     assert_eq!(flags.status(), 200);
     let ready = named.http.get(named.url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), 200);
-    // Nothing was written by the refused requests.
-    let messages: i64 =
-        db.client.query_one("select count(*) from realtime.outbox", &[]).await.unwrap().get(0);
-    assert_eq!(messages, 0);
+    // Nothing was written by the refused requests (numbered or still queued).
+    let written: i64 = db
+        .client
+        .query_one(
+            "select (select count(*) from realtime.outbox) + (select count(*) from realtime.queue)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(written, 0);
+
+    // A flag written through the primary's gateway reaches a flag stream on the replica's.
+    let primary = db.gateway(&[]).await;
+    let sdk =
+        db.cli(&["keys", "create", "--tenant", "acme", "--environment", "production", "--scope", "sdk"]);
+    let sdk = sdk.trim().trim_start_matches("key=");
+    let mut flag_stream = named.sse("/api/v1/flags/events", &[("x-api-key", sdk)]).await;
+    let created = primary
+        .http
+        .post(primary.url("/v1/flags?environment=production"))
+        .header("apikey", &service)
+        .json(&json!({"key": "dark-mode", "enabled": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let event = flag_stream.next_event().await;
+    assert_eq!((event.event(), &event.json()["flagKey"]), (Some("flag-updated"), &json!("dark-mode")));
 
     // A key revoked on the primary: the replica's open stream closes, a new one is refused.
     let todos = collection_path("todos", &anon[0]);
