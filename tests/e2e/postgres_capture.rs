@@ -261,6 +261,16 @@ async fn rows_queued_before_the_queue_upgrade_are_delivered_after_it() {
             .unwrap();
     }
     let epoch: i64 = db.client.query_one("select epoch from realtime.meta", &[]).await.unwrap().get(0);
+    // A gateway does not serve a schema older than its code: it says what to run, and exits.
+    let refused = tokio::process::Command::new(changegate_e2e::changegate_binary())
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("DATABASE_URL", &db.url)
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(stderr.contains("migration 4 (queue) has not run: run `changegate migrate`"), "{stderr}");
     let keys = db.setup(&["acme"], "anon");
     let moved: i64 = db.client.query_one("select count(*) from realtime.queue", &[]).await.unwrap().get(0);
     assert_eq!(moved, 2, "the upgrade moved the pending rows to the queue");

@@ -72,18 +72,20 @@ impl PgEngine {
         let (ready, listening) = watch::channel(false);
         let (revoked, _) = broadcast::channel(256);
         let wake = Arc::new(Notify::new());
+        // This code speaks to the schema of every migration it knows (a publish on migration 3
+        // would answer a sequence number where this expects a row id): refuse an older one.
+        let recorded = store.migrations().await?;
+        if let Some((version, name, _)) =
+            crate::migrate::MIGRATIONS.iter().find(|(v, _, _)| !recorded.contains(v))
+        {
+            let remedy =
+                if following { "`changegate migrate` on the primary" } else { "`changegate migrate`" };
+            return Err(PgError::unavailable(
+                "the database's schema is behind this gateway",
+                format!("migration {version} ({name}) has not run: run {remedy} (or `serve --migrate`)"),
+            ));
+        }
         if following {
-            let recorded = store.migrations().await?;
-            if let Some((version, name, _)) =
-                crate::migrate::MIGRATIONS.iter().find(|(v, _, _)| !recorded.contains(v))
-            {
-                return Err(PgError::unavailable(
-                    "the replica's schema is behind this gateway",
-                    format!(
-                        "migration {version} ({name}) has not run: run `changegate migrate` on the primary"
-                    ),
-                ));
-            }
             let primary = match config.primary {
                 Some(primary) => primary,
                 None => match store.upstream().await? {
