@@ -74,6 +74,9 @@ enum Scenario {
         /// Seconds per step.
         #[arg(long, default_value_t = 5)]
         seconds: u64,
+        /// Each server on CPU 0 alone, this bench's clients on the other CPUs (`taskset`).
+        #[arg(long)]
+        pin: bool,
     },
     /// What capture costs the host database: single-row commits/s from W concurrent writers
     /// into a captured table against the same table without capture, and a quiet tenant's
@@ -241,8 +244,8 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Fanout { subscribers, rates, seconds, external } => {
             fanout(&binary, subscribers, &rates, seconds, &external).await
         }
-        Scenario::Compare { connections, subscribers, rates, seconds } => {
-            servers::compare(&binary, connections, subscribers, &rates, seconds).await
+        Scenario::Compare { connections, subscribers, rates, seconds, pin } => {
+            servers::compare(&binary, connections, subscribers, &rates, seconds, pin).await
         }
         Scenario::Capture { writers, seconds, database_url } => {
             capture(&binary, writers, seconds, &database_url).await

@@ -1,5 +1,6 @@
 //! The gateway under test, as a child process, and what `/proc` says about it.
 
+use std::ffi::OsStr;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -18,7 +19,18 @@ pub struct Gateway {
 impl Gateway {
     /// Starts `<binary> serve --listen 127.0.0.1:0 <args>` with `env`.
     pub async fn start(binary: &Path, args: &[String], env: &[(String, String)]) -> anyhow::Result<Self> {
-        let mut child = Command::new(binary)
+        Self::start_on(binary, args, env, None).await
+    }
+
+    /// [`Gateway::start`], confined to CPU `cpu` when given one (its runtime then sizes itself
+    /// to that one core).
+    pub async fn start_on(
+        binary: &Path,
+        args: &[String],
+        env: &[(String, String)],
+        cpu: Option<&str>,
+    ) -> anyhow::Result<Self> {
+        let mut child = command(binary, cpu)
             .args(["serve", "--listen", "127.0.0.1:0"])
             .args(args)
             .env_remove("DATABASE_URL")
@@ -48,6 +60,26 @@ impl Gateway {
     pub fn rss_kib(&self) -> u64 {
         rss_kib(self.pid())
     }
+}
+
+/// A command running `program`, under `taskset -c <cpu>` when given a CPU (`taskset` execs the
+/// program: the child's pid is the program's).
+pub fn command(program: impl AsRef<OsStr>, cpu: Option<&str>) -> Command {
+    let Some(cpu) = cpu else { return Command::new(program) };
+    let mut command = Command::new("taskset");
+    command.args(["-c", cpu]).arg(program);
+    command
+}
+
+/// Confines every thread of this process to `cpus` (a `taskset` list, e.g. `1-3`).
+pub fn pin_self(cpus: &str) -> anyhow::Result<()> {
+    let status = std::process::Command::new("taskset")
+        .args(["-a", "-p", "-c", cpus, &std::process::id().to_string()])
+        .stdout(Stdio::null())
+        .status()
+        .context("running taskset (util-linux)")?;
+    anyhow::ensure!(status.success(), "taskset could not pin the bench to CPUs {cpus}");
+    Ok(())
 }
 
 /// Resident memory of process `pid`, in KiB.
@@ -99,7 +131,9 @@ pub fn default_binary() -> PathBuf {
 
 /// The machine, for the record: cores, memory, kernel.
 pub fn machine() -> String {
-    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    // The machine's, not this process's share (`compare --pin` confines the bench to some).
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cores = cpuinfo.lines().filter(|l| l.starts_with("processor")).count();
     let mem_kib: u64 = std::fs::read_to_string("/proc/meminfo")
         .unwrap_or_default()
         .lines()

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use clap::Args;
 use serde_json::{Value, json};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio::sync::watch;
 
 use crate::process::{self, Gateway};
@@ -170,8 +170,14 @@ pub async fn publish_paced(
 
 /// changegate's own release binary, memory engine, one tenant.
 pub async fn changegate(binary: &Path, topic: &str) -> anyhow::Result<Server> {
+    changegate_on(binary, topic, None).await
+}
+
+/// [`changegate`], confined to CPU `cpu` when given one.
+async fn changegate_on(binary: &Path, topic: &str, cpu: Option<&str>) -> anyhow::Result<Server> {
     let (keys_file, keys) = keys(1)?;
-    let gw = Gateway::start(binary, &["--keys".into(), keys_file.display().to_string()], &[]).await?;
+    let args = ["--keys".into(), keys_file.display().to_string()];
+    let gw = Gateway::start_on(binary, &args, &[], cpu).await?;
     let (anon, publish) = keys[0].clone();
     Ok(Server {
         name: "changegate",
@@ -222,12 +228,12 @@ async fn wait_listening(address: SocketAddr) -> anyhow::Result<()> {
 }
 
 /// The naive Node SSE server shipped in `crates/bench/peers/naive-sse.js`.
-pub async fn node(topic: &str) -> anyhow::Result<Server> {
+pub async fn node(topic: &str, cpu: Option<&str>) -> anyhow::Result<Server> {
     let dir = Scratch::new("node")?;
     let script = dir.path().join("naive-sse.js");
     std::fs::write(&script, include_str!("../peers/naive-sse.js"))?;
     let port = free_port()?;
-    let child = Command::new("node")
+    let child = process::command("node", cpu)
         .arg(&script)
         .arg(port.to_string())
         .stdout(Stdio::null())
@@ -261,7 +267,7 @@ const NCHAN_MODULE: &str = "/usr/lib/nginx/modules/ngx_nchan_module.so";
 /// nginx with the nchan module (Debian `nginx-light` + `libnginx-mod-nchan`, installed if
 /// missing), one worker, a message buffer so `Last-Event-ID` resumes work; RSS and CPU are the
 /// worker's.
-pub async fn nchan(topic: &str) -> anyhow::Result<Server> {
+pub async fn nchan(topic: &str, cpu: Option<&str>) -> anyhow::Result<Server> {
     if !Path::new(NCHAN_MODULE).exists() || which("nginx").is_none() {
         let status = std::process::Command::new("apt-get")
             .args(["install", "-y", "-qq", "nginx-light", "libnginx-mod-nchan"])
@@ -297,7 +303,7 @@ http {{
     );
     let path = dir.path().join("nginx.conf");
     std::fs::write(&path, config)?;
-    let child = Command::new("nginx")
+    let child = process::command("nginx", cpu)
         .args(["-p", &root, "-e", &format!("{root}/error.log"), "-c"])
         .arg(&path)
         .stdout(Stdio::null())
@@ -430,13 +436,19 @@ enum Kind {
     Node,
 }
 
-async fn start(kind: Kind, binary: &Path, topic: &str) -> anyhow::Result<Server> {
+async fn start(kind: Kind, binary: &Path, topic: &str, cpu: Option<&str>) -> anyhow::Result<Server> {
     match kind {
-        Kind::Changegate => changegate(binary, topic).await,
-        Kind::Nchan => nchan(topic).await,
-        Kind::Node => node(topic).await,
+        Kind::Changegate => changegate_on(binary, topic, cpu).await,
+        Kind::Nchan => nchan(topic, cpu).await,
+        Kind::Node => node(topic, cpu).await,
     }
 }
+
+/// With `compare --pin`, the servers' CPU: one core of their own. nginx runs one worker and
+/// Node one thread, so unpinned they use one core while changegate's runtime (one worker per
+/// core) competes with the clients for both: pinned, every server gets the same single core
+/// and the clients the rest.
+const SERVER_CPU: &str = "0";
 
 /// `compare`: idle and fan-out against changegate, nchan and naive Node, one table with ratios.
 pub async fn compare(
@@ -445,8 +457,17 @@ pub async fn compare(
     subscribers: usize,
     rates: &[u64],
     seconds: u64,
+    pin: bool,
 ) -> anyhow::Result<()> {
     let kinds = [Kind::Changegate, Kind::Nchan, Kind::Node];
+    let cpu = if pin {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        anyhow::ensure!(cores >= 2, "--pin needs two CPUs: one for the servers, one for the clients");
+        process::pin_self(&format!("1-{}", cores - 1))?;
+        Some(SERVER_CPU)
+    } else {
+        None
+    };
     // rows[metric][server]
     let mut rows: Vec<(String, bool, Vec<f64>)> = Vec::new();
     let mut push = |label: String, lower_is_better: bool, server: usize, value: f64| {
@@ -460,7 +481,7 @@ pub async fn compare(
     };
     let mut names = Vec::new();
     for (i, kind) in kinds.iter().enumerate() {
-        let server = start(*kind, binary, "idle").await?;
+        let server = start(*kind, binary, "idle", cpu).await?;
         names.push(server.name);
         let idle = idle_on(&server, connections, seconds).await?;
         println!(
@@ -477,7 +498,7 @@ pub async fn compare(
         push(format!("idle: time to open {connections}, s"), true, i, idle.connect_seconds);
         drop(server);
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let server = start(*kind, binary, "fan").await?;
+        let server = start(*kind, binary, "fan", cpu).await?;
         for &rate in rates {
             let f = fanout_on(&server, subscribers, rate, seconds).await?;
             println!(
@@ -501,8 +522,9 @@ pub async fn compare(
     }
     println!();
     println!(
-        "Machine: {}. Same clients, same machine, servers started fresh and run back to back.",
-        process::machine()
+        "Machine: {}. Same clients, same machine, servers started fresh and run back to back{}.",
+        process::machine(),
+        if pin { "; each server on CPU 0 alone, the clients on the others" } else { "" }
     );
     println!();
     println!(
