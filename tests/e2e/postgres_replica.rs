@@ -204,3 +204,60 @@ async fn a_replicas_gateway_refuses_writes_naming_the_primary_and_closes_revoked
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_promoted_replicas_gateway_goes_on_delivering_and_accepts_writes_without_a_restart() {
+    let Some(replica) = Replica::start().await else { return };
+    let db = TestDb::new().await;
+    let anon = db.setup(&["acme", "beta"], "anon");
+    let publisher = db.key("acme", "publish");
+    db.todos().await;
+    replica.database(&db).await;
+    // The primary's gateway numbers its changes (they reach the replica as outbox rows).
+    let _primary_gw = db.gateway(&[]).await;
+    let gw = replica.gateway(&db, &[]).await;
+    let todos = collection_path("todos", &anon[0]);
+    let mut stream = gw.sse(&todos, &[]).await;
+    let mut beta = gw.sse(&collection_path("todos", &anon[1]), &[]).await;
+    db.client.execute("insert into todos (tenant_id, title) values ('acme', 'before')", &[]).await.unwrap();
+    let before = titles(&mut stream, 1).await;
+    assert_eq!(before[0].1, "before");
+
+    // The region fails over: the replica becomes a primary. Its own commits are captured into
+    // its queue; the gateway must number and deliver them on the stream already open.
+    replica.promote();
+    let promoted = replica.database(&db).await;
+    promoted
+        .batch_execute(
+            "insert into todos (tenant_id, title) values ('acme', 'after-1'); \
+             begin; insert into todos (tenant_id, title) values ('acme', 'after-2'), ('beta', 'b'); commit",
+        )
+        .await
+        .unwrap();
+    let after = titles(&mut stream, 2).await;
+    assert_eq!(after.iter().map(|(_, t)| t.as_str()).collect::<Vec<_>>(), ["after-1", "after-2"]);
+    let seq = |id: &str| id.rsplit_once('-').and_then(|(_, s)| s.parse::<u64>().ok()).unwrap();
+    assert!(
+        seq(&before[0].0) < seq(&after[0].0) && seq(&after[0].0) < seq(&after[1].0),
+        "{before:?} {after:?}"
+    );
+    stream.assert_quiet(Duration::from_millis(300)).await;
+    assert_eq!(titles(&mut beta, 1).await[0].1, "b");
+
+    // Writes are accepted now, and delivered.
+    let mut messages = gw.sse("/v1/events/subscribe?topic=order.*", &[("apikey", &anon[0])]).await;
+    let published = gw
+        .http
+        .post(gw.url("/v1/events/publish"))
+        .header("apikey", &publisher)
+        .json(&json!({"topic": "order.created", "data": {"n": 1}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(published.status(), 202, "{:?}", published.text().await);
+    assert_eq!(messages.next_event().await.json()["data"], json!({"n": 1}));
+
+    // A client that left before the failover resumes across it with its Last-Event-ID.
+    let mut resumed = gw.sse(&todos, &[("last-event-id", &before[0].0)]).await;
+    assert_eq!(titles(&mut resumed, 2).await, after);
+}

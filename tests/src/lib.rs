@@ -975,6 +975,17 @@ impl Replica {
         .await
     }
 
+    /// Promotes the replica to a primary of its own (`pg_ctl promote`, waiting until it is).
+    pub fn promote(&self) {
+        let dir = self.directory.to_str().expect("UTF-8");
+        let promoted = as_postgres(&self.bin.join("pg_ctl"), &["-D", dir, "-w", "-t", "60", "promote"]);
+        assert!(
+            promoted.status.success(),
+            "the replica was promoted: {}",
+            String::from_utf8_lossy(&promoted.stderr)
+        );
+    }
+
     /// Starts a gateway on the replica's copy of `db`.
     pub async fn gateway(&self, db: &TestDb, args: &[&str]) -> Gateway {
         Gateway::start_with_env(args, &[("DATABASE_URL", &self.url(&db.name))]).await

@@ -43,8 +43,6 @@ pub struct PgEngine {
     commands: mpsc::UnboundedSender<Command>,
     listening: watch::Receiver<bool>,
     revoked: broadcast::Sender<String>,
-    /// Attached to a read replica: follows the outbox instead of LISTENing (see `follow`).
-    following: bool,
     /// Starts a sequencer pass at once, if this instance's sequencer leads.
     wake: Arc<Notify>,
 }
@@ -86,7 +84,7 @@ impl PgEngine {
             ));
         }
         if following {
-            let primary = match config.primary {
+            let primary = match config.primary.clone() {
                 Some(primary) => primary,
                 None => match store.upstream().await? {
                     Some(address) => format!("the primary database at {address}"),
@@ -95,9 +93,27 @@ impl PgEngine {
             };
             tracing::info!(%primary, "the database is a read replica: following its outbox");
             store = store.following(&primary);
-            let follower =
-                Follower::new(store.clone(), hub, epoch, command_receiver, ready, revoked.clone(), cancel);
-            tokio::spawn(follower.run());
+            let follower = Follower::new(
+                store.clone(),
+                hub,
+                epoch,
+                command_receiver,
+                ready,
+                revoked.clone(),
+                cancel.clone(),
+            );
+            let (store, wake) = (store.clone(), wake.clone());
+            tokio::spawn(async move {
+                let Some(follower) = follower.run().await else { return };
+                tracing::warn!(
+                    "the replica was promoted: this gateway now sequences and delivers as the primary"
+                );
+                store.promoted();
+                metrics::gauge!("changegate_upstream_up", "upstream" => "postgres_follow").set(0.0);
+                tokio::spawn(crate::sequencer::run(store.clone(), cancel.clone(), wake));
+                tokio::spawn(prune(store, config, cancel));
+                follower.into_listener().take_over(tokio::time::Instant::now()).await;
+            });
         } else {
             let listener = Listener::new(
                 store.clone(),
@@ -112,12 +128,13 @@ impl PgEngine {
             tokio::spawn(crate::sequencer::run(store.clone(), cancel.clone(), wake.clone()));
             tokio::spawn(prune(store.clone(), config, cancel));
         }
-        Ok(Self { store, epoch, commands, listening, revoked, following, wake })
+        Ok(Self { store, epoch, commands, listening, revoked, wake })
     }
 
-    /// Whether this engine follows a read replica (and refuses writes).
+    /// Whether this engine follows a read replica (and refuses writes); false again once the
+    /// replica has been promoted.
     pub fn is_following(&self) -> bool {
-        self.following
+        self.store.is_following()
     }
 
     /// The store, for keys and administration.
@@ -207,7 +224,7 @@ impl PgEngine {
         let deadline = tokio::time::Instant::now() + REPLICA_LAG_WAIT;
         loop {
             let bounds = self.store.replay_bounds(name).await?;
-            if !self.following || after <= bounds.1 || tokio::time::Instant::now() >= deadline {
+            if !self.is_following() || after <= bounds.1 || tokio::time::Instant::now() >= deadline {
                 return Ok(bounds);
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

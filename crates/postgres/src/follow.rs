@@ -9,6 +9,12 @@
 //! move between the primary's gateways and the replica's with its `Last-Event-ID`.
 //!
 //! Key revocations travel by NOTIFY too; the follower reads recent ones from `api_keys` instead.
+//!
+//! When the replica is promoted (a region fails over), its capture trigger starts filling the
+//! queue and nothing here numbers it: the follower notices (`pg_is_in_recovery()` turns false,
+//! read with the replay position on every pass) and hands its channels, with their positions,
+//! to a [`Listener`] — the engine starts the sequencer beside it — so the streams already open
+//! go on without a gap, and without a gateway restart.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -19,7 +25,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::source::{Command, Listened};
+use crate::source::{Command, Listened, Listener};
 use crate::store::Store;
 use crate::{PgError, channel};
 
@@ -51,6 +57,8 @@ pub(crate) struct Follower {
     channels: HashMap<String, Listened>,
     /// The replay position of the last pass that read every channel to its end.
     replayed: Option<String>,
+    /// Set by a pass that found the replica promoted.
+    promoted: bool,
     /// Revocation notices already sent, and when they were last read.
     announced: HashSet<String>,
     revocations_read: Option<Instant>,
@@ -76,23 +84,25 @@ impl Follower {
             cancel,
             channels: HashMap::new(),
             replayed: None,
+            promoted: false,
             announced: HashSet::new(),
             revocations_read: None,
         }
     }
 
-    /// Runs until cancelled: a pass, a wait, again; on failure it retries with backoff, and
-    /// because positions are kept per channel, nothing committed meanwhile is lost.
-    pub(crate) async fn run(mut self) {
+    /// Runs until cancelled (`None`) or until the replica is promoted: then it returns itself,
+    /// for [`Follower::into_listener`]. A pass, a wait, again; on failure it retries with
+    /// backoff, and because positions are kept per channel, nothing committed meanwhile is lost.
+    pub(crate) async fn run(mut self) -> Option<Self> {
         let mut backoff = Backoff::default();
         let mut wait = BUSY_POLL;
         let mut next = Instant::now();
         let cancel = self.cancel.clone();
         loop {
             tokio::select! {
-                () = cancel.cancelled() => return,
+                () = cancel.cancelled() => return None,
                 command = self.commands.recv() => match command {
-                    None => return,
+                    None => return None,
                     Some(Command::Listen { key, done }) => {
                         let name = channel(&key);
                         if self.channels.contains_key(&name) {
@@ -117,6 +127,7 @@ impl Follower {
                 },
                 () = tokio::time::sleep_until(next) => {
                     match self.pass().await {
+                        Ok(_) if self.promoted => return Some(self),
                         Ok(busy) => {
                             backoff.reset();
                             if !*self.ready.borrow() {
@@ -147,7 +158,13 @@ impl Follower {
             self.revocations().await?;
         }
         // Read the position first: anything visible by then is in the query below.
-        let replayed = self.store.replayed_through().await?;
+        let state = self.store.replayed_through().await?;
+        if !state.in_recovery {
+            // The listener that takes over reads every channel on from its position.
+            self.promoted = true;
+            return Ok(false);
+        }
+        let replayed = state.through;
         if replayed.is_some() && replayed == self.replayed {
             return Ok(false);
         }
@@ -176,6 +193,13 @@ impl Follower {
         let complete = per_channel.values().all(|&n| n < PAGE);
         self.replayed = if complete { replayed } else { None };
         Ok(found)
+    }
+
+    /// The LISTEN source that takes over on a promoted replica, with this follower's channels
+    /// and their positions (it reads each on from there when it connects).
+    pub(crate) fn into_listener(self) -> Listener {
+        Listener::new(self.store, self.hub, self.epoch, self.commands, self.ready, self.revoked, self.cancel)
+            .with_channels(self.channels)
     }
 
     async fn revocations(&mut self) -> Result<(), PgError> {

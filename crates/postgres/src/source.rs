@@ -89,11 +89,28 @@ impl Listener {
         Self { store, hub, epoch, commands, ready, revoked, cancel, channels: HashMap::new() }
     }
 
+    /// This listener, already holding `channels` (a promoted replica's follower's): they are
+    /// LISTENed on connecting, and each is read on from its last position.
+    pub(crate) fn with_channels(mut self, channels: HashMap<String, Listened>) -> Self {
+        self.channels = channels;
+        self
+    }
+
     /// Runs until cancelled: connect, serve, and on any loss reconnect with exponential backoff
     /// and jitter.
-    pub(crate) async fn run(mut self) {
+    pub(crate) async fn run(self) {
+        self.run_after(None).await;
+    }
+
+    /// [`Listener::run`] for channels already open: what was committed since `since` (and
+    /// after each channel's position) is delivered once connected, as after a reconnect.
+    pub(crate) async fn take_over(self, since: Instant) {
+        self.run_after(Some(since)).await;
+    }
+
+    async fn run_after(mut self, since: Option<Instant>) {
         let mut backoff = Backoff::default();
-        let mut down_since: Option<Instant> = None;
+        let mut down_since = since;
         loop {
             match self.connect().await {
                 Ok((client, notifications)) => {

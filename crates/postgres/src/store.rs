@@ -39,8 +39,16 @@ pub struct KeyListing {
 pub struct Store {
     pool: Pool,
     config: tokio_postgres::Config,
-    /// Set when the database is a read replica: where writes go instead (for the refusal).
-    primary: Option<std::sync::Arc<str>>,
+    /// Set when the database is a read replica: where writes go instead (for the refusal), and
+    /// whether it has since been promoted (shared by every clone).
+    following: Option<std::sync::Arc<Following>>,
+}
+
+/// A store's read-replica state.
+#[derive(Debug)]
+struct Following {
+    primary: Box<str>,
+    promoted: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Store {
@@ -61,6 +69,15 @@ fn invalid_or(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> Pg
         Some(c) if *c == SqlState::CHECK_VIOLATION => PgError::refused(format!("{context}: invalid value")),
         _ => PgError::query(context)(e),
     }
+}
+
+/// What a follower's pass reads first: [`Store::replayed_through`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Replayed {
+    /// `pg_is_in_recovery()`: false once the replica has been promoted.
+    pub in_recovery: bool,
+    /// `pg_last_wal_replay_lsn()` (it stays where it was once recovery ends).
+    pub through: Option<String>,
 }
 
 /// Rows one retention statement deletes at most: short statements, short locks.
@@ -84,7 +101,7 @@ impl Store {
             .create_timeout(Some(Duration::from_secs(5)))
             .build()
             .map_err(|e| PgError::unavailable("invalid DATABASE_URL", e))?;
-        Ok(Self { pool, config, primary: None })
+        Ok(Self { pool, config, following: None })
     }
 
     /// Whether the database is a hot standby (a read replica): `pg_is_in_recovery()`.
@@ -120,17 +137,32 @@ impl Store {
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
-    /// This store on a read replica: every write is refused up front, naming `primary`.
+    /// This store on a read replica: every write is refused up front, naming `primary`, until
+    /// [`Store::promoted`].
     pub fn following(mut self, primary: &str) -> Self {
-        self.primary = Some(primary.into());
+        let promoted = std::sync::atomic::AtomicBool::new(false);
+        self.following = Some(std::sync::Arc::new(Following { primary: primary.into(), promoted }));
         self
+    }
+
+    /// The replica this store follows was promoted to primary: writes are accepted from now on,
+    /// by this store and every clone of it.
+    pub fn promoted(&self) {
+        if let Some(following) = &self.following {
+            following.promoted.store(true, std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    /// Whether this store follows a read replica (and refuses writes).
+    pub fn is_following(&self) -> bool {
+        self.following.as_ref().is_some_and(|f| !f.promoted.load(std::sync::atomic::Ordering::Acquire))
     }
 
     /// Refuses a write on a replica (before it reaches the database, to name the primary).
     fn writable(&self) -> Result<(), PgError> {
-        match &self.primary {
-            Some(primary) => Err(PgError::read_only(Some(primary))),
-            None => Ok(()),
+        match &self.following {
+            Some(following) if self.is_following() => Err(PgError::read_only(Some(&following.primary))),
+            _ => Ok(()),
         }
     }
 
@@ -670,15 +702,16 @@ impl Store {
     }
 
     /// For a follower: the WAL position this replica has replayed through (it moves whenever
-    /// anything committed on the primary has become visible here).
-    pub async fn replayed_through(&self) -> Result<Option<String>, PgError> {
+    /// anything committed on the primary has become visible here), and whether it still is a
+    /// replica.
+    pub async fn replayed_through(&self) -> Result<Replayed, PgError> {
         let row = self
             .client()
             .await?
-            .query_one("select pg_last_wal_replay_lsn()::text", &[])
+            .query_one("select pg_is_in_recovery(), pg_last_wal_replay_lsn()::text", &[])
             .await
             .map_err(PgError::query("reading the replica's replay position"))?;
-        Ok(row.get(0))
+        Ok(Replayed { in_recovery: row.get(0), through: row.get(1) })
     }
 
     /// For a follower: up to `limit` events of each channel after its position, in one
