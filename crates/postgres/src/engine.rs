@@ -10,7 +10,7 @@ use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::follow::Follower;
-use crate::source::{Command, Listener};
+use crate::source::{Command, Listener, Upstream};
 use crate::store::Store;
 use crate::{PgError, channel};
 
@@ -83,6 +83,16 @@ impl PgEngine {
                 format!("migration {version} ({name}) has not run: run {remedy} (or `serve --migrate`)"),
             ));
         }
+        // Built once the store knows whether it follows (a follower's refuses writes).
+        let upstream = |store: &Store| Upstream {
+            store: store.clone(),
+            hub,
+            epoch,
+            commands: command_receiver,
+            ready,
+            revoked: revoked.clone(),
+            cancel: cancel.clone(),
+        };
         if following {
             let primary = match config.primary.clone() {
                 Some(primary) => primary,
@@ -93,15 +103,7 @@ impl PgEngine {
             };
             tracing::info!(%primary, "the database is a read replica: following its outbox");
             store = store.following(&primary);
-            let follower = Follower::new(
-                store.clone(),
-                hub,
-                epoch,
-                command_receiver,
-                ready,
-                revoked.clone(),
-                cancel.clone(),
-            );
+            let follower = Follower::new(upstream(&store));
             let (store, wake) = (store.clone(), wake.clone());
             tokio::spawn(async move {
                 let Some(follower) = follower.run().await else { return };
@@ -115,15 +117,7 @@ impl PgEngine {
                 follower.into_listener().take_over(tokio::time::Instant::now()).await;
             });
         } else {
-            let listener = Listener::new(
-                store.clone(),
-                hub,
-                epoch,
-                command_receiver,
-                ready,
-                revoked.clone(),
-                cancel.clone(),
-            );
+            let listener = Listener::new(upstream(&store));
             tokio::spawn(listener.run());
             tokio::spawn(crate::sequencer::run(store.clone(), cancel.clone(), wake.clone()));
             tokio::spawn(prune(store.clone(), config, cancel));

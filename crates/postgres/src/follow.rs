@@ -25,7 +25,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::source::{Command, Listened, Listener};
+use crate::source::{Command, Listened, Listener, Upstream};
 use crate::store::Store;
 use crate::{PgError, channel};
 
@@ -65,15 +65,8 @@ pub(crate) struct Follower {
 }
 
 impl Follower {
-    pub(crate) fn new(
-        store: Store,
-        hub: Hub,
-        epoch: Epoch,
-        commands: mpsc::UnboundedReceiver<Command>,
-        ready: watch::Sender<bool>,
-        revoked: broadcast::Sender<String>,
-        cancel: CancellationToken,
-    ) -> Self {
+    pub(crate) fn new(upstream: Upstream) -> Self {
+        let Upstream { store, hub, epoch, commands, ready, revoked, cancel } = upstream;
         Self {
             store,
             hub,
@@ -198,8 +191,9 @@ impl Follower {
     /// The LISTEN source that takes over on a promoted replica, with this follower's channels
     /// and their positions (it reads each on from there when it connects).
     pub(crate) fn into_listener(self) -> Listener {
-        Listener::new(self.store, self.hub, self.epoch, self.commands, self.ready, self.revoked, self.cancel)
-            .with_channels(self.channels)
+        let Self { store, hub, epoch, commands, ready, revoked, cancel, channels, .. } = self;
+        Listener::new(Upstream { store, hub, epoch, commands, ready, revoked, cancel })
+            .with_channels(channels)
     }
 
     async fn revocations(&mut self) -> Result<(), PgError> {

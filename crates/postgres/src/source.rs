@@ -76,16 +76,24 @@ fn quoted(channel: &str) -> String {
     format!("\"{}\"", channel.replace('"', "\"\""))
 }
 
+/// What a task that delivers the database's events to the hub works with: the LISTEN task on a
+/// primary, the follower on a replica (and the LISTEN task again once that replica is promoted).
+pub(crate) struct Upstream {
+    pub(crate) store: Store,
+    pub(crate) hub: Hub,
+    pub(crate) epoch: Epoch,
+    /// Feeds to open and close.
+    pub(crate) commands: mpsc::UnboundedReceiver<Command>,
+    /// Whether the upstream is up (`/readyz`).
+    pub(crate) ready: watch::Sender<bool>,
+    /// Ids of revoked keys, as they are announced.
+    pub(crate) revoked: broadcast::Sender<String>,
+    pub(crate) cancel: CancellationToken,
+}
+
 impl Listener {
-    pub(crate) fn new(
-        store: Store,
-        hub: Hub,
-        epoch: Epoch,
-        commands: mpsc::UnboundedReceiver<Command>,
-        ready: watch::Sender<bool>,
-        revoked: broadcast::Sender<String>,
-        cancel: CancellationToken,
-    ) -> Self {
+    pub(crate) fn new(upstream: Upstream) -> Self {
+        let Upstream { store, hub, epoch, commands, ready, revoked, cancel } = upstream;
         Self { store, hub, epoch, commands, ready, revoked, cancel, channels: HashMap::new() }
     }
 
