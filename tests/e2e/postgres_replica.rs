@@ -167,7 +167,15 @@ async fn a_replicas_gateway_refuses_writes_naming_the_primary_and_closes_revoked
     let sdk =
         db.cli(&["keys", "create", "--tenant", "acme", "--environment", "production", "--scope", "sdk"]);
     let sdk = sdk.trim().trim_start_matches("key=");
-    let mut flag_stream = named.sse("/api/v1/flags/events", &[("x-api-key", sdk)]).await;
+    // The key is read from the replica: it is known there once it has replicated.
+    let mut flag_stream = eventually("the new key replicated", || async {
+        match named.try_sse("/api/v1/flags/events", &[("x-api-key", sdk)]).await {
+            Ok(stream) => Ok(stream),
+            Err((401, body)) if body["error"]["code"] == "invalid_api_key" => Err("not yet".to_owned()),
+            Err((status, body)) => panic!("the flag stream was refused with {status}: {body}"),
+        }
+    })
+    .await;
     let created = primary
         .http
         .post(primary.url("/v1/flags?environment=production"))
