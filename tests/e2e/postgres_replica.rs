@@ -1,6 +1,7 @@
 //! A gateway on a streaming read replica (`pg_basebackup -R` of the test server, made by the
 //! test): it follows the outbox where NOTIFY cannot reach, with the primary's ids, resume and
-//! revocations, and refuses writes naming the primary.
+//! revocations, and refuses writes naming the primary — and, once the replica is promoted, takes
+//! over as the primary's kind of gateway without a restart.
 
 use std::time::Duration;
 
@@ -8,7 +9,8 @@ use changegate_e2e::{Replica, TestDb, collection_path, eventually, titles};
 use serde_json::json;
 
 #[tokio::test]
-async fn a_client_moves_from_the_primarys_gateway_to_a_replicas_with_its_last_event_id_and_loses_nothing() {
+async fn a_client_moves_between_the_primarys_and_a_replicas_gateways_and_across_the_replicas_promotion_losing_nothing()
+ {
     let Some(replica) = Replica::start().await else { return };
     let db = TestDb::new().await;
     let anon = db.setup(&["acme", "beta"], "anon");
@@ -97,6 +99,47 @@ async fn a_client_moves_from_the_primarys_gateway_to_a_replicas_with_its_last_ev
         .unwrap()
         .get(0);
     assert_eq!(replicated, 51);
+
+    // The region fails over: the replica is promoted. Its own commits are captured into its
+    // queue; its gateway must number and deliver them on the streams already open, and accept
+    // writes — without a restart. (In this test, on this replica: every replica replays the
+    // whole test server's WAL, and a third one made the suite's replication lag flaky.)
+    let mut on_replica = replica_gw.sse(&todos, &[]).await;
+    db.client.execute("insert into todos (tenant_id, title) values ('acme', 'before')", &[]).await.unwrap();
+    let before = titles(&mut on_replica, 1).await;
+    assert_eq!(before[0].1, "before");
+    replica.promote();
+    let promoted = replica.database(&db).await;
+    promoted
+        .batch_execute(
+            "insert into todos (tenant_id, title) values ('acme', 'after-1'); \
+             begin; insert into todos (tenant_id, title) values ('acme', 'after-2'), ('beta', 'b'); commit",
+        )
+        .await
+        .unwrap();
+    let after = titles(&mut on_replica, 2).await;
+    assert_eq!(after.iter().map(|(_, t)| t.as_str()).collect::<Vec<_>>(), ["after-1", "after-2"]);
+    let seq = |id: &str| id.rsplit_once('-').and_then(|(_, s)| s.parse::<u64>().ok()).unwrap();
+    assert!(
+        seq(&before[0].0) < seq(&after[0].0) && seq(&after[0].0) < seq(&after[1].0),
+        "{before:?} {after:?}"
+    );
+    on_replica.assert_quiet(Duration::from_millis(300)).await;
+    assert_eq!(titles(&mut beta_on_replica, 1).await[0].1, "b");
+    // Writes are accepted now, and delivered.
+    let published = replica_gw
+        .http
+        .post(replica_gw.url("/v1/events/publish"))
+        .header("apikey", &publisher)
+        .json(&json!({"topic": "order.created", "data": {"n": 2}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(published.status(), 202, "{:?}", published.text().await);
+    assert_eq!(messages.next_event().await.json()["data"], json!({"n": 2}));
+    // A client that left before the failover resumes across it with its Last-Event-ID.
+    let mut resumed = replica_gw.sse(&todos, &[("last-event-id", &before[0].0)]).await;
+    assert_eq!(titles(&mut resumed, 2).await, after);
 }
 
 #[tokio::test]
@@ -211,61 +254,4 @@ async fn a_replicas_gateway_refuses_writes_naming_the_primary_and_closes_revoked
         }
     })
     .await;
-}
-
-#[tokio::test]
-async fn a_promoted_replicas_gateway_goes_on_delivering_and_accepts_writes_without_a_restart() {
-    let Some(replica) = Replica::start().await else { return };
-    let db = TestDb::new().await;
-    let anon = db.setup(&["acme", "beta"], "anon");
-    let publisher = db.key("acme", "publish");
-    db.todos().await;
-    replica.database(&db).await;
-    // The primary's gateway numbers its changes (they reach the replica as outbox rows).
-    let _primary_gw = db.gateway(&[]).await;
-    let gw = replica.gateway(&db, &[]).await;
-    let todos = collection_path("todos", &anon[0]);
-    let mut stream = gw.sse(&todos, &[]).await;
-    let mut beta = gw.sse(&collection_path("todos", &anon[1]), &[]).await;
-    db.client.execute("insert into todos (tenant_id, title) values ('acme', 'before')", &[]).await.unwrap();
-    let before = titles(&mut stream, 1).await;
-    assert_eq!(before[0].1, "before");
-
-    // The region fails over: the replica becomes a primary. Its own commits are captured into
-    // its queue; the gateway must number and deliver them on the stream already open.
-    replica.promote();
-    let promoted = replica.database(&db).await;
-    promoted
-        .batch_execute(
-            "insert into todos (tenant_id, title) values ('acme', 'after-1'); \
-             begin; insert into todos (tenant_id, title) values ('acme', 'after-2'), ('beta', 'b'); commit",
-        )
-        .await
-        .unwrap();
-    let after = titles(&mut stream, 2).await;
-    assert_eq!(after.iter().map(|(_, t)| t.as_str()).collect::<Vec<_>>(), ["after-1", "after-2"]);
-    let seq = |id: &str| id.rsplit_once('-').and_then(|(_, s)| s.parse::<u64>().ok()).unwrap();
-    assert!(
-        seq(&before[0].0) < seq(&after[0].0) && seq(&after[0].0) < seq(&after[1].0),
-        "{before:?} {after:?}"
-    );
-    stream.assert_quiet(Duration::from_millis(300)).await;
-    assert_eq!(titles(&mut beta, 1).await[0].1, "b");
-
-    // Writes are accepted now, and delivered.
-    let mut messages = gw.sse("/v1/events/subscribe?topic=order.*", &[("apikey", &anon[0])]).await;
-    let published = gw
-        .http
-        .post(gw.url("/v1/events/publish"))
-        .header("apikey", &publisher)
-        .json(&json!({"topic": "order.created", "data": {"n": 1}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(published.status(), 202, "{:?}", published.text().await);
-    assert_eq!(messages.next_event().await.json()["data"], json!({"n": 1}));
-
-    // A client that left before the failover resumes across it with its Last-Event-ID.
-    let mut resumed = gw.sse(&todos, &[("last-event-id", &before[0].0)]).await;
-    assert_eq!(titles(&mut resumed, 2).await, after);
 }
