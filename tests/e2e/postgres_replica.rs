@@ -89,6 +89,7 @@ async fn a_client_moves_between_the_primarys_and_a_replicas_gateways_and_across_
     let mut messages =
         replica_gw.sse(&format!("/v1/events/subscribe?topic=order.*&apikey={}", anon[0]), &[]).await;
     let id = primary_gw.publish(&publisher, "order.created", json!({"n": 1})).await;
+    replica.caught_up(&db.client).await;
     let event = messages.next_event().await;
     assert_eq!((event.id(), &event.json()["data"]), (Some(id.as_str()), &json!({"n": 1})));
 
@@ -109,8 +110,8 @@ async fn a_client_moves_between_the_primarys_and_a_replicas_gateways_and_across_
     let before = titles(&mut on_replica, 1).await;
     assert_eq!(before[0].1, "before");
     replica.promote();
-    let promoted = replica.database(&db).await;
-    promoted
+    // Sessions survive a promotion: the one opened on the replica now writes.
+    replica_db
         .batch_execute(
             "insert into todos (tenant_id, title) values ('acme', 'after-1'); \
              begin; insert into todos (tenant_id, title) values ('acme', 'after-2'), ('beta', 'b'); commit",
@@ -210,6 +211,7 @@ async fn a_replicas_gateway_refuses_writes_naming_the_primary_and_closes_revoked
     let sdk =
         db.cli(&["keys", "create", "--tenant", "acme", "--environment", "production", "--scope", "sdk"]);
     let sdk = sdk.trim().trim_start_matches("key=");
+    replica.caught_up(&db.client).await;
     // The key is read from the replica: it is known there once it has replicated.
     let mut flag_stream = eventually("the new key replicated", || async {
         match named.try_sse("/api/v1/flags/events", &[("x-api-key", sdk)]).await {

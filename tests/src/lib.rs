@@ -956,8 +956,42 @@ impl Replica {
         format!("postgres://postgres@127.0.0.1:{}/{name}", self.port)
     }
 
+    /// Waits until the replica has replayed everything the test server had written when called
+    /// (not after a promotion: a promoted replica replays no more).
+    /// Replication lag is the environment, not the behaviour under test: at the suite's start
+    /// every test creates a database (~4 MB of WAL each) and a replica replays all of it, so
+    /// this allows a minute, and the assertions that follow keep their usual patience.
+    pub async fn caught_up(&self, primary: &tokio_postgres::Client) {
+        let target: String = primary
+            .query_one("select pg_current_wal_lsn()::text", &[])
+            .await
+            .expect("the test server's WAL position")
+            .get(0);
+        let (replica, connection) = tokio_postgres::connect(&self.url("postgres"), tokio_postgres::NoTls)
+            .await
+            .expect("the replica accepts connections");
+        tokio::spawn(connection);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let replayed: bool = replica
+                .query_one("select coalesce(pg_last_wal_replay_lsn() >= $1::text::pg_lsn, true)", &[&target])
+                .await
+                .expect("the replica's replay position")
+                .get(0);
+            if replayed {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the replica replayed up to {target} within a minute"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Waits until database `db` has replicated with its changegate schema, and connects to it.
     pub async fn database(&self, db: &TestDb) -> tokio_postgres::Client {
+        self.caught_up(&db.client).await;
         let url = self.url(&db.name);
         eventually("the test database replicated to the replica", || {
             let url = url.clone();
